@@ -1,0 +1,153 @@
+"""Recurrent cells as pure functions, with the PyTorch equations and gate order.
+
+Shape legend (used across jaxrnn): b batch, t time, d input, h hidden, v vocabulary,
+g gates * h (the width of a cell's stacked gate pre-activations).
+
+A cell is a record of pure functions:
+  init(key, d, h) -> params            weights as in PyTorch, transposed to (in, out)
+  initial_carry(b, h) -> carry          zeros
+  project(params, x[..., d]) -> gx[..., g]   input-side product plus biases (any leading shape)
+  recur(params, carry, gx[b, g]) -> (carry, y[b, h])   the rest of one step
+  step = recur . project
+
+Splitting `project` from `recur` lets `layers.run` do the input product for all time steps
+as one matrix product outside the scan. Biases that PyTorch keeps twice (`bias_ih + bias_hh`)
+are stored once as their sum, except the GRU's `b_hn`, which sits inside `r * (W_hn h + b_hn)`.
+
+Adding a cell: write a function returning `Cell(...)` and add one line to `_REGISTRY`.
+"""
+
+import dataclasses
+import inspect
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxrnn import UserError
+
+Params = dict[str, jax.Array]
+Carry = Any  # a pytree of (b, h) arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """A recurrent cell: pure `init`, `initial_carry`, `project`, `recur`; `step` composes them."""
+  name: str
+  init: Callable[..., Params]
+  initial_carry: Callable[[int, int], Carry]
+  project: Callable[[Params, jax.Array], jax.Array]
+  recur: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+
+  def step(self, params: Params, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]:
+    """One time step: x<float>[b, d] -> (carry, y<float>[b, h])."""
+    return self.recur(params, carry, self.project(params, x))
+
+
+def _uniform(key: jax.Array, shape: tuple[int, ...], hidden_size: int) -> jax.Array:
+  """PyTorch's default RNN initialisation: U(-1/sqrt(h), 1/sqrt(h))."""
+  bound = 1.0 / math.sqrt(hidden_size)
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _init_gated(key: jax.Array, d: int, h: int, gates: int) -> Params:
+  """w_ih<d, g>, w_hh<h, g>, b<g>, all U(-1/sqrt(h), 1/sqrt(h))."""
+  k_ih, k_hh, k_b = jax.random.split(key, 3)
+  return {
+      "w_ih": _uniform(k_ih, (d, gates * h), h),
+      "w_hh": _uniform(k_hh, (h, gates * h), h),
+      "b": _uniform(k_b, (gates * h,), h),
+  }
+
+
+def _zeros(b: int, h: int) -> jax.Array:
+  return jnp.zeros((b, h), jnp.float32)
+
+
+def _project(params: Params, x: jax.Array) -> jax.Array:
+  return x @ params["w_ih"] + params["b"]
+
+
+def rnn(nonlinearity: str = "tanh") -> Cell:
+  """Elman RNN: h' = act(x W_ih + h W_hh + b), act in {tanh, relu} (torch.nn.RNN)."""
+  acts = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+  if nonlinearity not in acts:
+    raise UserError(f"rnn nonlinearity must be one of {', '.join(acts)}, got {nonlinearity!r}")
+  act = acts[nonlinearity]
+
+  def recur(params, h, gx):
+    h = act(gx + h @ params["w_hh"])
+    return h, h
+
+  return Cell("rnn", lambda key, d, h: _init_gated(key, d, h, 1), _zeros, _project, recur)
+
+
+def gru() -> Cell:
+  """GRU with PyTorch's gate order (r, z, n) and n = tanh(x W_in + b_in + r * (h W_hn + b_hn))."""
+
+  def init(key, d, h):
+    k, k_hn = jax.random.split(key)
+    return {**_init_gated(k, d, h, 3), "b_hn": _uniform(k_hn, (h,), h)}
+
+  def recur(params, h, gx):
+    gh = h @ params["w_hh"]
+    xr, xz, xn = jnp.split(gx, 3, axis=-1)
+    hr, hz, hn = jnp.split(gh, 3, axis=-1)
+    r = jax.nn.sigmoid(xr + hr)
+    z = jax.nn.sigmoid(xz + hz)
+    n = jnp.tanh(xn + r * (hn + params["b_hn"]))
+    h = (1.0 - z) * n + z * h
+    return h, h
+
+  return Cell("gru", init, _zeros, _project, recur)
+
+
+def lstm(forget_bias: float = 0.0) -> Cell:
+  """LSTM with PyTorch's gate order (i, f, g, o); carry (h, c); `forget_bias` is added at init."""
+
+  def init(key, d, h):
+    params = _init_gated(key, d, h, 4)
+    params["b"] = params["b"].at[h:2 * h].add(forget_bias)
+    return params
+
+  def initial_carry(b, h):
+    return (_zeros(b, h), _zeros(b, h))
+
+  def recur(params, carry, gx):
+    h, c = carry
+    i, f, g, o = jnp.split(gx + h @ params["w_hh"], 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return (h, c), h
+
+  return Cell("lstm", init, initial_carry, _project, recur)
+
+
+_REGISTRY: dict[str, Callable[..., Cell]] = {
+    "rnn": rnn,
+    "gru": gru,
+    "lstm": lstm,
+}
+
+
+def names() -> list[str]:
+  """The registered cell names."""
+  return list(_REGISTRY)
+
+
+def get(name: str, **options: Any) -> Cell:
+  """The cell registered as `name`, built with its options (e.g. nonlinearity, forget_bias)."""
+  if name not in _REGISTRY:
+    raise UserError(f"unknown cell {name!r}; valid cells: {', '.join(_REGISTRY)}")
+  try:
+    return _REGISTRY[name](**options)
+  except TypeError as e:
+    raise UserError(f"cell {name!r} does not take options {sorted(options)}: {e}") from None
+
+
+def from_config(model_config: Any) -> Cell:
+  """The cell named by `model_config.cell`, with the options its factory takes read from the config."""
+  get(model_config.cell)  # an unknown name fails here, with the list of valid ones
+  wanted = inspect.signature(_REGISTRY[model_config.cell]).parameters
+  return get(model_config.cell, **{k: model_config[k] for k in wanted if k in model_config})
