@@ -1,0 +1,1 @@
+"""Experiment configs: `get_config()` returning an ml_collections.ConfigDict."""

@@ -1,0 +1,48 @@
+"""Every jaxrnn field, with the defaults of the README quickstart: a 1 x 256 LSTM on Tiny Shakespeare.
+
+  python scripts/train.py --config configs/default.py --workdir runs/quickstart
+
+Override any field on the command line, e.g. `--config.model.cell=gru --config.train.steps=500`.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.cell = "lstm"  # a name in jaxrnn.cells: rnn, gru, lstm
+  config.model.hidden_size = 256  # h, per layer
+  config.model.num_layers = 1  # stacked cells
+  config.model.embed_dim = 64  # e, width of the token embedding
+  config.model.one_hot = False  # feed one-hot tokens instead of an embedding (embed_dim unused)
+  config.model.dropout = 0.0  # on embeddings, between layers and before the head (train only)
+  config.model.unroll = 1  # lax.scan unroll factor
+  config.model.nonlinearity = "tanh"  # rnn cell only: tanh or relu
+  config.model.forget_bias = 0.0  # lstm cell only: added to the forget-gate bias at init
+
+  config.data = ml_collections.ConfigDict()
+  config.data.corpus = "tinyshakespeare"  # a name in jaxrnn.data.CORPORA or a path to a text file
+  config.data.tokens = placeholder(str)  # "char" or "word"; None: the corpus' default (char)
+  config.data.val_frac = placeholder(float)  # single-file corpora; None: corpus default (0.1)
+  config.data.test_frac = placeholder(float)  # single-file corpora; None: corpus default (0.0)
+  config.data.batching = "sequential"  # "sequential" (state carried) or "random" windows
+  config.data.batch_size = 32  # b, lanes per batch
+  config.data.seq_len = 64  # t, truncated-BPTT length
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 1000  # optimizer steps
+  config.train.optimizer = "adam"  # adam, adamw or sgd
+  config.train.lr = 3e-3  # peak learning rate
+  config.train.schedule = "constant"  # constant or cosine (with linear warmup)
+  config.train.warmup_steps = 0  # linear warmup from 0 to lr
+  config.train.weight_decay = 0.0  # adamw only
+  config.train.clip_norm = 1.0  # global-norm gradient clipping; 0 turns it off
+  config.train.seed = 0  # parameters, dropout and random batching
+  config.train.log_every = 10  # steps between train rows in metrics.jsonl
+  config.train.eval_every = 250  # steps between whole-split validations; 0: only at the end
+  config.train.eval_lanes = 16  # contiguous lanes evaluated side by side (state carried in each)
+  config.train.eval_chunk = 256  # columns per evaluation step
+  return config

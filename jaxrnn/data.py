@@ -1,0 +1,343 @@
+"""Corpora, vocabularies, splits and batch iterators (NumPy only; no JAX).
+
+A named corpus is looked for, file by file, in `$JAXRNN_DATA_DIR`, then in the cache
+(`$JAXRNN_CACHE_DIR`, default `~/.cache/jaxrnn`), then downloaded into the cache with its
+checksum checked and an atomic rename. `data.corpus` may also be a path to a UTF-8 text file.
+Token ids are int32; batches are batch-major <int>[b, t].
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import pathlib
+import tempfile
+import urllib.request
+import zipfile
+from typing import Any, Iterator
+
+import numpy as np
+
+from jaxrnn import UserError
+
+UNK = "<unk>"
+EOS = "<eos>"
+_PTB_URL = ("https://raw.githubusercontent.com/arthurdehgan/IFT6135_assignment_2/"
+            "191820cabc95c8d8af11d0bf3679207dd3b97e08/data/")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One file of a corpus: where it lives locally, where to fetch it, how to check it."""
+  file: str  # path under the data dir and the cache
+  url: str
+  sha256: str | None  # of the downloaded object (the archive, for zips); None: size checked
+  member: str | None = None  # the file inside a zip archive
+  size: int | None = None  # bytes of the (extracted) file
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """A named corpus: one file split by fractions, or fixed train/valid/test files."""
+  sources: tuple[Source, ...]
+  encoding: str = "utf-8"  # "utf-8", "bytes" (one token per byte) or "ptb_char"
+  tokens: str = "char"  # default vocabulary level: "char" or "word"
+  fractions: tuple[float, float] = (0.1, 0.0)  # (val, test) for single-file corpora
+
+
+CORPORA: dict[str, Corpus] = {
+    "tinyshakespeare": Corpus((Source(
+        "tinyshakespeare.txt",
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),)),
+    "timemachine": Corpus((Source(
+        "timemachine.txt", "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
+        "8424dbd9532ac81f7e5f0b6add90e6952baea29158309d7d1bf3884f4e12c516"),)),
+    "ptb_char": Corpus((
+        Source("ptb/ptb.char.train.txt", _PTB_URL + "ptb.char.train.txt",
+               "e313d91425e06c4f0a8fb6e881dcce0c291f2a0e9f4dda54833069b122f91da9"),
+        Source("ptb/ptb.char.valid.txt", _PTB_URL + "ptb.char.valid.txt",
+               "21661f63ec355085879458b6524644d4add5573541b4be14fb52ab2e2e995eb8"),
+        Source("ptb/ptb.char.test.txt", _PTB_URL + "ptb.char.test.txt",
+               "1ef5607ac3c463b16e38bfe7900dd3bfc91de5a96e0f21e7eab5188b465b8ebe"),
+    ), encoding="ptb_char"),
+    "ptb": Corpus((
+        Source("ptb/ptb.train.txt", _PTB_URL + "ptb.train.txt",
+               "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
+        Source("ptb/ptb.valid.txt", _PTB_URL + "ptb.valid.txt",
+               "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
+        Source("ptb/ptb.test.txt", _PTB_URL + "ptb.test.txt",
+               "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"),
+    ), tokens="word"),
+    # The usual 90M / 5M / 5M split of 10^8 bytes. No copy of these archives was reachable to
+    # hash when this table was written, so the extracted size is checked instead.
+    "enwik8": Corpus((Source("enwik8", "http://mattmahoney.net/dc/enwik8.zip", None,
+                             member="enwik8", size=100_000_000),),
+                     encoding="bytes", fractions=(0.05, 0.05)),
+    "text8": Corpus((Source("text8", "http://mattmahoney.net/dc/text8.zip", None,
+                            member="text8", size=100_000_000),),
+                    fractions=(0.05, 0.05)),
+}
+
+
+def cache_dir() -> pathlib.Path:
+  """Where downloaded corpora are kept."""
+  return pathlib.Path(os.environ.get("JAXRNN_CACHE_DIR", pathlib.Path.home() / ".cache" / "jaxrnn"))
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _download(source: Source, target: pathlib.Path) -> None:
+  """Fetches `source` into `target`: checksum first, then an atomic rename."""
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    raw = pathlib.Path(tmp) / "download"
+    with urllib.request.urlopen(source.url, timeout=60) as response, open(raw, "wb") as f:
+      while block := response.read(1 << 20):
+        f.write(block)
+    if source.sha256 is not None and (got := _sha256(raw)) != source.sha256:
+      raise UserError(f"checksum mismatch for {source.url}: sha256 {got}, expected "
+                      f"{source.sha256}; the download is corrupt or the file changed upstream")
+    if source.member is not None:
+      with zipfile.ZipFile(raw) as archive, archive.open(source.member) as m, \
+          open(pathlib.Path(tmp) / "member", "wb") as out:
+        while block := m.read(1 << 20):
+          out.write(block)
+      raw = pathlib.Path(tmp) / "member"
+    if source.size is not None and raw.stat().st_size != source.size:
+      raise UserError(f"{source.url} gave {raw.stat().st_size} bytes, expected {source.size}")
+    os.replace(raw, target)
+
+
+def locate(source: Source) -> pathlib.Path:
+  """The local path of one corpus file: data dir, then cache, then a fresh download."""
+  data_dir = os.environ.get("JAXRNN_DATA_DIR")
+  if data_dir and (path := pathlib.Path(data_dir) / source.file).is_file():
+    return path
+  cached = cache_dir() / source.file
+  if cached.is_file():
+    return cached
+  try:
+    _download(source, cached)
+  except (OSError, zipfile.BadZipFile) as e:
+    where = f"$JAXRNN_DATA_DIR ({data_dir})" if data_dir else "$JAXRNN_DATA_DIR (unset)"
+    raise UserError(f"{source.file} is not in {where} or the cache ({cache_dir()}), and the "
+                    f"download from {source.url} failed ({e}); put the file at {cached} or "
+                    f"set JAXRNN_DATA_DIR to a directory that holds {source.file}") from None
+  return cached
+
+
+def decode(raw: bytes, encoding: str = "utf-8", origin: str = "corpus") -> str:
+  """Corpus bytes -> text; `bytes` maps each byte to one character, `ptb_char` drops separators."""
+  if not raw.strip():
+    raise UserError(f"{origin} is empty; give a file with some text in it")
+  if encoding == "bytes":
+    return raw.decode("latin-1")
+  if encoding == "ptb_char":  # one symbol per field: "c o n s u m e r s _ ..."
+    if len(raw) % 2 or np.any(np.frombuffer(raw, np.uint8)[1::2] != ord(" ")):
+      raise UserError(f"{origin} is not in PTB character format (each symbol followed by a space)")
+    raw = raw[0::2]
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{origin} is not valid UTF-8: byte {e.start} is {raw[e.start:e.start + 1]!r}; "
+                    "convert it first, e.g. `iconv -f cp1252 -t utf-8`") from None
+
+
+def split_text(text: str, val_frac: float, test_frac: float) -> dict[str, str]:
+  """Contiguous train/val/test: the first 1 - val - test of the text, then val, then test."""
+  if not (0.0 <= val_frac < 1 and 0.0 <= test_frac < 1 and val_frac + test_frac < 1):
+    raise UserError(f"split fractions val={val_frac}, test={test_frac} must be in [0, 1) with "
+                    "val + test < 1")
+  n = len(text)
+  # Floor of the train fraction, as nanoGPT's `int(n * 0.9)`; the epsilon absorbs float error.
+  val_start = math.floor(n * (1.0 - val_frac - test_frac) + 1e-6)
+  test_start = math.floor(n * (1.0 - test_frac) + 1e-6)
+  return {"train": text[:val_start], "val": text[val_start:test_start], "test": text[test_start:]}
+
+
+def load_splits(config: Any) -> tuple[dict[str, str], str]:
+  """({'train', 'val', 'test'} texts, vocabulary level) for `config.corpus` (a name or a path)."""
+  name = config.corpus
+  corpus = CORPORA.get(name)
+  if corpus is None:
+    path = pathlib.Path(name).expanduser()
+    if not path.is_file():
+      raise UserError(f"unknown corpus {name!r}: neither a file nor one of {', '.join(CORPORA)}")
+    corpus, paths = Corpus(()), [path]
+  else:
+    paths = [locate(s) for s in corpus.sources]
+  texts = [decode(p.read_bytes(), corpus.encoding, str(p)) for p in paths]
+  level = config.tokens or corpus.tokens
+  if len(texts) == 3:
+    return dict(zip(("train", "val", "test"), texts)), level
+  val_frac, test_frac = corpus.fractions
+  val_frac = val_frac if config.val_frac is None else config.val_frac
+  test_frac = test_frac if config.test_frac is None else config.test_frac
+  return split_text(texts[0], val_frac, test_frac), level
+
+
+def _words(text: str) -> list[str]:
+  """Whitespace words with an end-of-sentence token per line (the PTB convention)."""
+  return [w for line in text.splitlines() for w in line.split() + [EOS]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  """id <-> token. Char vocabularies are sorted code points then `<unk>`; word ones end in `<unk>`."""
+  tokens: tuple[str, ...]
+  level: str = "char"
+
+  @classmethod
+  def build(cls, text: str, level: str = "char") -> "Vocab":
+    """The vocabulary of a (training) text: every distinct symbol, plus `<unk>`."""
+    if level == "char":
+      return cls(tuple(sorted(set(text))) + (UNK,), level)
+    if level == "word":
+      words = sorted(set(_words(text)) - {UNK})
+      return cls(tuple(words) + (UNK,), level)
+    raise UserError(f"data.tokens must be 'char' or 'word', got {level!r}")
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  @property
+  def unk_id(self) -> int:
+    return len(self.tokens) - 1
+
+  @functools.cached_property
+  def _codes(self) -> np.ndarray:
+    return np.array([ord(t) for t in self.tokens[:-1]], np.uint32)
+
+  @functools.cached_property
+  def _index(self) -> dict[str, int]:
+    return {t: i for i, t in enumerate(self.tokens)}
+
+  def encode(self, text: str) -> np.ndarray:
+    """text -> ids<int32>[n]; unknown symbols become `<unk>`. Vectorised for char vocabularies."""
+    if self.level == "word":
+      return np.array([self._index.get(w, self.unk_id) for w in _words(text)], np.int32)
+    points = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    ids = np.searchsorted(self._codes, points).clip(max=len(self._codes) - 1)
+    return np.where(self._codes[ids] == points, ids, self.unk_id).astype(np.int32)
+
+  def decode(self, ids: Any) -> str:
+    """ids -> text (words joined by spaces, `<eos>` as a newline)."""
+    tokens = [self.tokens[i] for i in np.asarray(ids).reshape(-1)]
+    if self.level == "word":
+      return "\n".join(" ".join(line.split()) for line in " ".join(tokens).split(EOS))
+    return "".join(tokens)
+
+  def to_json(self) -> str:
+    return json.dumps({"level": self.level, "tokens": list(self.tokens)})
+
+  @classmethod
+  def from_json(cls, text: str) -> "Vocab":
+    d = json.loads(text)
+    return cls(tuple(d["tokens"]), d["level"])
+
+
+class SequentialBatches:
+  """Truncated-BPTT batches: the stream cut into b contiguous lanes, read t columns at a time.
+
+  Batch k continues batch k - 1 in every lane, so the hidden state carries over; at the
+  end of an epoch the lanes start again from their beginnings and `reset` is True.
+  `position` (batches drawn) is the whole resumable state.
+  """
+
+  def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, position: int = 0):
+    _check_shape(batch_size, seq_len)
+    lane_len = (len(ids) - 1) // batch_size
+    if lane_len < seq_len:
+      raise UserError(f"the training split ({len(ids)} tokens) is shorter than one batch "
+                      f"(batch_size {batch_size} x seq_len {seq_len} + 1): lower data.batch_size "
+                      "or data.seq_len, or use a longer corpus")
+    self.inputs = ids[:batch_size * lane_len].reshape(batch_size, lane_len)
+    self.targets = ids[1:batch_size * lane_len + 1].reshape(batch_size, lane_len)
+    self.seq_len = seq_len
+    self.batches_per_epoch = lane_len // seq_len
+    self.position = position
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    k = self.position % self.batches_per_epoch
+    self.position += 1
+    cols = slice(k * self.seq_len, (k + 1) * self.seq_len)
+    return {"inputs": self.inputs[:, cols], "targets": self.targets[:, cols], "reset": k == 0}
+
+
+class RandomWindows:
+  """Batches of b windows at random offsets, each with a fresh zero state (`reset` always True).
+
+  Window offsets for batch k come from `np.random.default_rng([seed, k])`, so `position`
+  alone resumes the stream.
+  """
+
+  def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int, position: int = 0):
+    _check_shape(batch_size, seq_len)
+    if len(ids) < seq_len + 1:
+      raise UserError(f"the training split ({len(ids)} tokens) is shorter than seq_len + 1 "
+                      f"({seq_len + 1}): lower data.seq_len or use a longer corpus")
+    self.ids, self.batch_size, self.seq_len, self.seed = ids, batch_size, seq_len, seed
+    self.position = position
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    rng = np.random.default_rng([self.seed, self.position])
+    self.position += 1
+    starts = rng.integers(0, len(self.ids) - self.seq_len, self.batch_size)
+    window = starts[:, None] + np.arange(self.seq_len + 1)
+    tokens = self.ids[window]
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "reset": True}
+
+
+def _check_shape(batch_size: int, seq_len: int) -> None:
+  if seq_len <= 0:
+    raise UserError(f"data.seq_len must be positive, got {seq_len}")
+  if batch_size <= 0:
+    raise UserError(f"data.batch_size must be positive, got {batch_size}")
+
+
+def train_batches(ids: np.ndarray, config: Any, seed: int, position: int = 0):
+  """The training iterator named by `config.batching` ('sequential' or 'random')."""
+  if config.batching == "sequential":
+    return SequentialBatches(ids, config.batch_size, config.seq_len, position)
+  if config.batching == "random":
+    return RandomWindows(ids, config.batch_size, config.seq_len, seed, position)
+  raise UserError(f"data.batching must be 'sequential' or 'random', got {config.batching!r}")
+
+
+def eval_chunks(ids: np.ndarray, lanes: int, chunk_len: int) -> Iterator[dict[str, np.ndarray]]:
+  """The whole split as `lanes` contiguous lanes read `chunk_len` columns at a time.
+
+  Every target of the split appears exactly once with mask 1; the last lane and the last
+  chunk are padded with mask 0, so shapes stay fixed and padding is never counted.
+  """
+  n = len(ids) - 1  # targets
+  if n < 1:
+    raise UserError("an evaluation split needs at least two tokens")
+  lane_len = -(-n // lanes)
+  padded = -(-lane_len // chunk_len) * chunk_len
+  grid = np.zeros((lanes, padded), np.int32), np.zeros((lanes, padded), np.int32)
+  mask = np.zeros((lanes, padded), np.float32)
+  for lane in range(lanes):
+    lo, hi = lane * lane_len, min((lane + 1) * lane_len, n)
+    if lo < hi:
+      grid[0][lane, :hi - lo] = ids[lo:hi]
+      grid[1][lane, :hi - lo] = ids[lo + 1:hi + 1]
+      mask[lane, :hi - lo] = 1.0
+  for start in range(0, padded, chunk_len):
+    cols = slice(start, start + chunk_len)
+    yield {"inputs": grid[0][:, cols], "targets": grid[1][:, cols], "mask": mask[:, cols]}

@@ -1,0 +1,227 @@
+"""Training and evaluation: train state, jit-compiled steps, whole-split perplexity, the loop.
+
+Metrics are sums (`nll_sum`, `tokens`), turned into perplexity `exp(nll_sum / tokens)` and
+bits per character `nll_sum / tokens / ln 2` on the host; per-batch perplexities are never
+averaged. Batches are batch-major: inputs/targets <int>[b, t].
+"""
+
+import functools
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrnn import UserError, __version__, cells, data, model
+
+Config = Any  # ml_collections.ConfigDict
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def learning_rate(config: Config) -> optax.Schedule:
+  """Constant, or linear warmup then cosine decay to 0 at `steps` (config: the `train` section)."""
+  if config.schedule == "constant":
+    if config.warmup_steps:
+      return optax.linear_schedule(0.0, config.lr, config.warmup_steps)
+    return optax.constant_schedule(config.lr)
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps,
+                                              max(config.steps, config.warmup_steps + 1))
+  raise UserError(f"train.schedule must be 'constant' or 'cosine', got {config.schedule!r}")
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+  """Global-norm clipping first, then adam / adamw / sgd with the learning-rate schedule."""
+  lr = learning_rate(config)
+  optimizers = {
+      "adam": lambda: optax.adam(lr),
+      "adamw": lambda: optax.adamw(lr, weight_decay=config.weight_decay),
+      "sgd": lambda: optax.sgd(lr),
+  }
+  if config.optimizer not in optimizers:
+    raise UserError(f"train.optimizer must be one of {', '.join(optimizers)}, got {config.optimizer!r}")
+  clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm > 0 else optax.identity()
+  return optax.chain(clip, optimizers[config.optimizer]())
+
+
+def create_train_state(config: Config, vocab_size: int, tx: optax.GradientTransformation) -> TrainState:
+  """Fresh parameters and optimizer state from `config.train.seed`."""
+  params_key, dropout_key = jax.random.split(jax.random.key(config.train.seed))
+  params = model.init(params_key, config.model, vocab_size)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=dropout_key)
+
+
+def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihood<float>[b, t] in nats."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def train_step(state: TrainState, carry: Any, batch: dict[str, jax.Array], *, config: Config,
+               tx: optax.GradientTransformation) -> tuple[TrainState, Any, dict[str, jax.Array]]:
+  """One optimizer step on batch {inputs, targets}<int>[b, t]; the carry enters as a constant.
+
+  Returns the new state, the final carry (for the next batch of the same lanes) and metrics:
+  mean loss (nats/token), gradient global norm before clipping, learning rate.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    new_carry, logits = model.apply(params, carry, batch["inputs"], config=config.model,
+                                    train=True, rng=rng)
+    return _nll(logits, batch["targets"]).mean(), new_carry
+
+  (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+             "lr": learning_rate(config.train)(state.step)}
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, jax.lax.stop_gradient(new_carry), metrics
+
+
+def eval_step(params: Any, carry: Any, batch: dict[str, jax.Array], *,
+              config: Config) -> tuple[Any, jax.Array, jax.Array]:
+  """(carry, nll_sum, tokens) over one masked chunk {inputs, targets, mask}[b, t], dropout off."""
+  carry, logits = model.apply(params, carry, batch["inputs"], config=config.model)
+  return carry, (_nll(logits, batch["targets"]) * batch["mask"]).sum(), batch["mask"].sum()
+
+
+def make_evaluator(config: Config) -> Callable[[Any, np.ndarray], dict[str, float]]:
+  """`evaluate(params, ids<int>[n])`: loss, perplexity, bpc and tokens over a whole split.
+
+  The split is cut into `train.eval_lanes` contiguous lanes read side by side, the state
+  carried along each lane; every target counts once, padding never. One lane is the exact
+  sequential evaluation; 16 lanes differ from it only by the 15 lane starts from zero state.
+  """
+  step = jax.jit(functools.partial(eval_step, config=config))
+
+  def evaluate(params, ids):
+    carry = model.initial_carry(config.model, config.train.eval_lanes)
+    nll_sum, tokens = 0.0, 0.0
+    for chunk in data.eval_chunks(ids, config.train.eval_lanes, config.train.eval_chunk):
+      carry, nll, count = step(params, carry, chunk)
+      nll_sum += float(nll)
+      tokens += float(count)
+    loss = nll_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(loss), "bpc": loss / math.log(2),
+            "tokens": int(tokens)}
+
+  return evaluate
+
+
+def check_config(config: Config) -> None:
+  """Fails early, with a UserError, on config values the code would only trip over later."""
+  cells.from_config(config.model)
+  make_optimizer(config.train)
+  if config.train.steps < 1:
+    raise UserError(f"train.steps must be >= 1, got {config.train.steps}")
+  if config.train.eval_lanes < 1 or config.train.eval_chunk < 1:
+    raise UserError("train.eval_lanes and train.eval_chunk must be >= 1")
+
+
+class _Log:
+  """metrics.jsonl rows, plus progress on stderr (a bar on a terminal, plain lines otherwise)."""
+
+  def __init__(self, workdir: pathlib.Path, steps: int):
+    self.file = open(workdir / "metrics.jsonl", "a")
+    self.bar = None
+    if sys.stderr.isatty():
+      import tqdm  # the usual progress bar; only on an interactive terminal
+      self.bar = tqdm.tqdm(total=steps, file=sys.stderr, dynamic_ncols=True)
+
+  def write(self, row: dict[str, Any]) -> None:
+    self.file.write(json.dumps(row) + "\n")
+    self.file.flush()
+    if row["split"] == "train" and self.bar is not None:
+      self.bar.update(row["step"] - self.bar.n)
+      self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    else:
+      fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+      (self.bar.write if self.bar else lambda s: print(s, file=sys.stderr))(fields)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    self.file.close()
+
+
+def prepare_data(config: Config) -> tuple[data.Vocab, dict[str, np.ndarray]]:
+  """The vocabulary (built on the training split) and every split encoded to ids."""
+  splits, level = data.load_splits(config.data)
+  vocab = data.Vocab.build(splits["train"], level)
+  return vocab, {name: vocab.encode(text) for name, text in splits.items()}
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+  """Trains per `config`, logging to `<workdir>/metrics.jsonl`; returns the final validation row."""
+  check_config(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  vocab, ids = prepare_data(config)
+  (workdir / "config.json").write_text(config.to_json(indent=2))
+  (workdir / "vocab.json").write_text(vocab.to_json())
+  (workdir / "run.json").write_text(json.dumps({
+      "jaxrnn": __version__, "jax": jax.__version__, "devices": str(jax.devices())}))
+
+  tx = make_optimizer(config.train)
+  state = create_train_state(config, len(vocab), tx)
+  step_fn = jax.jit(functools.partial(train_step, config=config, tx=tx), donate_argnums=(0,))
+  batches = data.train_batches(ids["train"], config.data, config.train.seed)
+  evaluate = make_evaluator(config)
+  zero_carry = model.initial_carry(config.model, config.data.batch_size)
+  carry = zero_carry
+  log = _Log(workdir, config.train.steps)
+  print(f"{model.num_params(state.params):,} parameters, vocabulary {len(vocab)}, "
+        f"{len(ids['train']):,} training tokens", file=sys.stderr)
+
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  tick, ticked_at = time.perf_counter(), 0
+  start, evals = tick, {}
+  for step in range(1, config.train.steps + 1):
+    batch = next(batches)
+    if batch["reset"]:
+      carry = zero_carry
+    state, carry, metrics = step_fn(state, carry, {k: batch[k] for k in ("inputs", "targets")})
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      log.close()
+      raise UserError(f"loss is {loss} at step {step}; lower train.lr (now {config.train.lr}) "
+                      f"or set train.clip_norm (now {config.train.clip_norm}) lower")
+    if step % config.train.log_every == 0 or step == config.train.steps:
+      now = time.perf_counter()
+      log.write({"step": step, "split": "train", "loss": loss,
+                 "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]),
+                 "tokens_per_s": (step - ticked_at) * tokens_per_step / (now - tick)})
+      tick, ticked_at = now, step
+    last = step == config.train.steps
+    if last or (config.train.eval_every and step % config.train.eval_every == 0):
+      for split in ("val", "test") if last else ("val",):
+        if len(ids[split]) > 1:
+          evals[split] = evaluate(state.params, ids[split])
+          log.write({"step": step, "split": split, **evals[split]})
+      tick = time.perf_counter()  # evaluation time is not training throughput
+  log.close()
+
+  result = {"step": config.train.steps, "params": model.num_params(state.params),
+            "seconds": round(time.perf_counter() - start, 1)}
+  for split, row in evals.items():
+    prefix = "" if split == "val" else "test_"
+    result.update({f"{split}_loss": row["loss"], f"{prefix}perplexity": row["perplexity"],
+                   f"{prefix}bpc": row["bpc"], f"{prefix}tokens": row["tokens"]})
+  return result

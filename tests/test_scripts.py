@@ -1,0 +1,72 @@
+"""Tests for the command lines in scripts/, run as a user would, in subprocesses."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args],
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  path = tmp_path / "tiny.txt"
+  path.write_text("to be or not to be, that is the question.\n" * 30)
+  return str(path)
+
+
+def tiny_flags(corpus: str, workdir: pathlib.Path) -> list[str]:
+  return [f"--workdir={workdir}", f"--config.data.corpus={corpus}", "--config.data.batch_size=4",
+          "--config.data.seq_len=8", "--config.model.hidden_size=16", "--config.model.embed_dim=8",
+          "--config.train.steps=12", "--config.train.log_every=5", "--config.train.eval_every=6",
+          "--config.train.eval_lanes=2"]
+
+
+def test_train_writes_metrics_and_prints_final_json(corpus, tmp_path):
+  """A short run: metrics.jsonl rows with the documented fields, last stdout line is the result."""
+  workdir = tmp_path / "run"
+  proc = run_script("train.py", "--config", str(REPO / "configs" / "gru.py"),
+                    *tiny_flags(corpus, workdir))
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["step"] == 12 and result["perplexity"] == pytest.approx(2 ** result["bpc"])
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  val_rows = [r for r in rows if r["split"] == "val"]
+  assert [r["step"] for r in train_rows] == [5, 10, 12]
+  assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(train_rows[0])
+  assert [r["step"] for r in val_rows] == [6, 12]
+  assert {"loss", "perplexity", "bpc", "tokens"} <= set(val_rows[0])
+  assert val_rows[-1]["loss"] == pytest.approx(result["val_loss"])
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["cell"] == "gru" and saved["train"]["steps"] == 12
+  assert json.loads((workdir / "vocab.json").read_text())["level"] == "char"
+
+
+def test_unknown_cell_lists_valid_cells_without_traceback(corpus, tmp_path):
+  """--config.model.cell=nope exits 2 with the valid names and no Python traceback."""
+  proc = run_script("train.py", *tiny_flags(corpus, tmp_path / "run"), "--config.model.cell=nope")
+  assert proc.returncode == 2
+  assert "rnn, gru, lstm" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_misspelt_field_is_named(corpus, tmp_path):
+  """A typo in a config field fails before training and names the field."""
+  proc = run_script("train.py", *tiny_flags(corpus, tmp_path / "run"), "--config.model.hiden_size=3")
+  assert proc.returncode != 0 and "hiden_size" in proc.stderr
+
+
+def test_empty_corpus_is_a_one_line_error(tmp_path):
+  """An empty corpus file: exit 2, one line on stderr that says the file is empty."""
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  proc = run_script("train.py", *tiny_flags(str(empty), tmp_path / "run"))
+  assert proc.returncode == 2 and proc.stderr.strip().endswith("is empty; give a file with some text in it")
+  assert len(proc.stderr.strip().splitlines()) == 1
