@@ -72,7 +72,7 @@ def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
-def train_step(state: TrainState, carry: Any, batch: dict[str, jax.Array], *, config: Config,
+def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, config: Config,
                tx: optax.GradientTransformation) -> tuple[TrainState, Any, dict[str, jax.Array]]:
   """One optimizer step on batch {inputs, targets}<int>[b, t]; the carry enters as a constant.
 
@@ -197,7 +197,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     batch = next(batches)
     if batch["reset"]:
       carry = zero_carry
-    state, carry, metrics = step_fn(state, carry, {k: batch[k] for k in ("inputs", "targets")})
+    state, carry, metrics = step_fn(state, {k: batch[k] for k in ("inputs", "targets")}, carry)
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
       log.close()
