@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.seed = 0  # parameters, dropout and random batching
   config.train.log_every = 10  # steps between train rows in metrics.jsonl
   config.train.eval_every = 250  # steps between whole-split validations; 0: only at the end
+  config.train.ckpt_every = 250  # steps between checkpoints (also saved at the end and on SIGTERM)
+  config.train.keep = 3  # latest checkpoints kept, besides the best by validation loss
   config.train.eval_lanes = 16  # contiguous lanes evaluated side by side (state carried in each)
   config.train.eval_chunk = 256  # columns per evaluation step
   return config

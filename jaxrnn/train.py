@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrnn import UserError, __version__, cells, data, model
+from jaxrnn import UserError, __version__, cells, checkpoint, data, model
 
 Config = Any  # ml_collections.ConfigDict
 
@@ -131,19 +131,28 @@ def check_config(config: Config) -> None:
   make_optimizer(config.train)
   if config.train.steps < 1:
     raise UserError(f"train.steps must be >= 1, got {config.train.steps}")
-  if config.train.eval_lanes < 1 or config.train.eval_chunk < 1:
-    raise UserError("train.eval_lanes and train.eval_chunk must be >= 1")
+  for field in ("eval_lanes", "eval_chunk", "ckpt_every", "keep", "log_every"):
+    if config.train[field] < 1:
+      raise UserError(f"train.{field} must be >= 1, got {config.train[field]}")
 
 
 class _Log:
-  """metrics.jsonl rows, plus progress on stderr (a bar on a terminal, plain lines otherwise)."""
+  """metrics.jsonl rows, plus progress on stderr (a bar on a terminal, plain lines otherwise).
 
-  def __init__(self, workdir: pathlib.Path, steps: int):
-    self.file = open(workdir / "metrics.jsonl", "a")
+  On resume, rows past the restored step (written after the last checkpoint) are dropped,
+  since those steps run again.
+  """
+
+  def __init__(self, workdir: pathlib.Path, steps: int, resumed_at: int = 0):
+    path = workdir / "metrics.jsonl"
+    if path.exists():
+      kept = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= resumed_at]
+      path.write_text("".join(r + "\n" for r in kept))
+    self.file = open(path, "a")
     self.bar = None
     if sys.stderr.isatty():
       import tqdm  # the usual progress bar; only on an interactive terminal
-      self.bar = tqdm.tqdm(total=steps, file=sys.stderr, dynamic_ncols=True)
+      self.bar = tqdm.tqdm(total=steps, initial=resumed_at, file=sys.stderr, dynamic_ncols=True)
 
   def write(self, row: dict[str, Any]) -> None:
     self.file.write(json.dumps(row) + "\n")
@@ -168,57 +177,102 @@ def prepare_data(config: Config) -> tuple[data.Vocab, dict[str, np.ndarray]]:
   return vocab, {name: vocab.encode(text) for name, text in splits.items()}
 
 
+def load_run(workdir: str, step: int | str = "latest") -> tuple[Config, data.Vocab, Any, int]:
+  """(config, vocab, params, step) of a saved run, from its workdir alone."""
+  if not pathlib.Path(workdir, "checkpoints").is_dir():
+    raise UserError(f"no checkpoints in {workdir}: not a jaxrnn workdir, or it never saved one")
+  mngr = checkpoint.manager(workdir)
+  config, vocab = checkpoint.config_and_vocab(checkpoint.read_meta(mngr, step))
+  tx = make_optimizer(config.train)
+  state = jax.eval_shape(lambda: create_train_state(config, len(vocab), tx))
+  carry = jax.eval_shape(lambda: model.initial_carry(config.model, config.data.batch_size))
+  state, _, meta = checkpoint.restore(mngr, state, carry, step)
+  return config, vocab, state.params, meta["step"]
+
+
+def _resume(mngr, state, carry, config, vocab) -> tuple[TrainState, Any, int]:
+  """The latest readable checkpoint's state, carry and data position, if the workdir has one."""
+  if mngr.latest_step() is None:
+    return state, carry, 0
+  saved = checkpoint.read_meta(mngr)
+  checkpoint.check_compatible(saved["config"], config)
+  if saved["vocab"]["tokens"] != list(vocab.tokens):
+    raise UserError("the corpus' vocabulary differs from the one this workdir's checkpoint was "
+                    "trained with; use the same corpus, or a new --workdir")
+  state, carry, meta = checkpoint.restore(mngr, state, carry)
+  print(f"resuming from the checkpoint at step {meta['step']}", file=sys.stderr)
+  return state, carry, meta["position"]
+
+
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
-  """Trains per `config`, logging to `<workdir>/metrics.jsonl`; returns the final validation row."""
+  """Trains per `config` (resuming from `workdir`'s latest checkpoint), logging to metrics.jsonl.
+
+  Returns the final validation figures, or {"step", "preempted": True} after a SIGTERM/SIGINT.
+  """
   check_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   vocab, ids = prepare_data(config)
+  tx = make_optimizer(config.train)
+  zero_carry = model.initial_carry(config.model, config.data.batch_size)
+  mngr = checkpoint.manager(workdir, config.train.keep)
+  state, carry, position = _resume(mngr, create_train_state(config, len(vocab), tx), zero_carry,
+                                   config, vocab)
   (workdir / "config.json").write_text(config.to_json(indent=2))
   (workdir / "vocab.json").write_text(vocab.to_json())
   (workdir / "run.json").write_text(json.dumps({
       "jaxrnn": __version__, "jax": jax.__version__, "devices": str(jax.devices())}))
 
-  tx = make_optimizer(config.train)
-  state = create_train_state(config, len(vocab), tx)
   step_fn = jax.jit(functools.partial(train_step, config=config, tx=tx), donate_argnums=(0,))
-  batches = data.train_batches(ids["train"], config.data, config.train.seed)
+  batches = data.train_batches(ids["train"], config.data, config.train.seed, position)
   evaluate = make_evaluator(config)
-  zero_carry = model.initial_carry(config.model, config.data.batch_size)
-  carry = zero_carry
-  log = _Log(workdir, config.train.steps)
+  first = int(state.step) + 1
+  log = _Log(workdir, config.train.steps, resumed_at=first - 1)
   print(f"{model.num_params(state.params):,} parameters, vocabulary {len(vocab)}, "
         f"{len(ids['train']):,} training tokens", file=sys.stderr)
 
+  def evaluate_splits(step, splits):
+    rows = {s: evaluate(state.params, ids[s]) for s in splits if len(ids[s]) > 1}
+    for split, row in rows.items():
+      log.write({"step": step, "split": split, **row})
+    return rows
+
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  tick, ticked_at = time.perf_counter(), 0
-  start, evals = tick, {}
-  for step in range(1, config.train.steps + 1):
-    batch = next(batches)
-    if batch["reset"]:
-      carry = zero_carry
-    state, carry, metrics = step_fn(state, {k: batch[k] for k in ("inputs", "targets")}, carry)
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-      log.close()
-      raise UserError(f"loss is {loss} at step {step}; lower train.lr (now {config.train.lr}) "
-                      f"or set train.clip_norm (now {config.train.clip_norm}) lower")
-    if step % config.train.log_every == 0 or step == config.train.steps:
-      now = time.perf_counter()
-      log.write({"step": step, "split": "train", "loss": loss,
-                 "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]),
-                 "tokens_per_s": (step - ticked_at) * tokens_per_step / (now - tick)})
-      tick, ticked_at = now, step
-    last = step == config.train.steps
-    if last or (config.train.eval_every and step % config.train.eval_every == 0):
-      for split in ("val", "test") if last else ("val",):
-        if len(ids[split]) > 1:
-          evals[split] = evaluate(state.params, ids[split])
-          log.write({"step": step, "split": split, **evals[split]})
-      tick = time.perf_counter()  # evaluation time is not training throughput
+  start, evals = time.perf_counter(), {}
+  train_seconds, ticked_at = 0.0, first - 1  # time in training steps since the last train row
+  with checkpoint.Preemption() as preemption:
+    for step in range(first, config.train.steps + 1):
+      tick = time.perf_counter()
+      batch = next(batches)
+      if batch["reset"]:
+        carry = zero_carry
+      state, carry, metrics = step_fn(state, {k: batch[k] for k in ("inputs", "targets")}, carry)
+      loss = float(metrics["loss"])  # waits for the step, so the timing below is the step's
+      train_seconds += time.perf_counter() - tick
+      if not math.isfinite(loss):  # stop before this state can reach a checkpoint
+        log.close()
+        raise UserError(f"loss is {loss} at step {step}; lower train.lr (now {config.train.lr}) "
+                        f"or set train.clip_norm (now {config.train.clip_norm}) lower")
+      last = step == config.train.steps
+      if step % config.train.log_every == 0 or last:
+        log.write({"step": step, "split": "train", "loss": loss,
+                   "grad_norm": float(metrics["grad_norm"]), "lr": float(metrics["lr"]),
+                   "tokens_per_s": (step - ticked_at) * tokens_per_step / train_seconds})
+        train_seconds, ticked_at = 0.0, step
+      evaluated = last or (config.train.eval_every and step % config.train.eval_every == 0)
+      if evaluated:
+        evals = evaluate_splits(step, ("val", "test") if last else ("val",))
+      if last or preemption.requested or step % config.train.ckpt_every == 0:
+        checkpoint.save(mngr, state, carry, batches.position, config, vocab,
+                        val_loss=evals["val"]["loss"] if evaluated and "val" in evals else None)
+      if preemption.requested:
+        log.close()
+        return {"step": step, "preempted": True}
+  if not evals:  # the workdir's run had already finished: report it again
+    evals = evaluate_splits(int(state.step), ("val", "test"))
   log.close()
 
-  result = {"step": config.train.steps, "params": model.num_params(state.params),
+  result = {"step": int(state.step), "params": model.num_params(state.params),
             "seconds": round(time.perf_counter() - start, 1)}
   for split, row in evals.items():
     prefix = "" if split == "val" else "test_"

@@ -3,7 +3,8 @@
   python scripts/train.py --config configs/lstm.py --workdir runs/lstm \
       --config.model.hidden_size=512 --config.train.steps=2000
 
-Progress goes to stderr, every logged row to <workdir>/metrics.jsonl.
+Progress goes to stderr, every logged row to <workdir>/metrics.jsonl. Run the same command
+again on the same workdir to resume from its latest checkpoint; SIGTERM or Ctrl-C saves one.
 """
 
 import json
@@ -31,6 +32,10 @@ def main(argv: list[str]) -> None:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if result.get("preempted"):
+    print(f"preempted at step {result['step']}: checkpoint saved; run the same command to resume",
+          file=sys.stderr)
+    return
   print(json.dumps(result))
 
 

@@ -70,3 +70,17 @@ def test_empty_corpus_is_a_one_line_error(tmp_path):
   proc = run_script("train.py", *tiny_flags(str(empty), tmp_path / "run"))
   assert proc.returncode == 2 and proc.stderr.strip().endswith("is empty; give a file with some text in it")
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sample_prints_only_the_texts(corpus, tmp_path):
+  """sample.py: stdout holds the samples (prefix first) separated by blank lines, nothing else."""
+  workdir = tmp_path / "run"
+  assert run_script("train.py", *tiny_flags(corpus, workdir)).returncode == 0
+  args = [f"--workdir={workdir}", "--prefix=to be", "--length=30", "--num_samples=2"]
+  greedy = run_script("sample.py", *args, "--temperature=0")
+  assert greedy.returncode == 0, greedy.stderr
+  first, second = greedy.stdout.rstrip("\n").split("\n\n")
+  assert first == second and first.startswith("to be") and len(first) == 5 + 30
+  assert "step 12" in greedy.stderr
+  seeded = [run_script("sample.py", *args, f"--seed={s}").stdout for s in (0, 0, 1)]
+  assert seeded[0] == seeded[1] != seeded[2]

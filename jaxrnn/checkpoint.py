@@ -1,0 +1,154 @@
+"""Checkpoints with orbax: everything a run needs to continue exactly, restored safely.
+
+`<workdir>/checkpoints/<step>/` holds two items:
+  state  the train state (its PRNG key as raw key data), the carried hidden state of every
+         training lane, and the data iterator's position;
+  meta   JSON: the config, the vocabulary and the step, so a run restores from its workdir alone.
+Orbax writes each checkpoint into a temporary directory and renames it once complete, so a
+crash mid-save never leaves a partial checkpoint behind as the latest one.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from jaxrnn import UserError, data
+
+# Config fields that change the shape of the params, the optimizer state or the carried state:
+# a resumed run must keep them.
+FROZEN_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
+                 "model.one_hot", "data.corpus", "data.tokens", "data.batch_size",
+                 "train.optimizer")
+
+
+def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
+  """The run's checkpoint manager: keeps the `keep` latest steps plus the best by val loss."""
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=keep),
+      checkpoint_managers.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                                keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, best_fn=lambda m: m["val_loss"], best_mode="min",
+      # Synchronous: the next train step donates the state's buffers.
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(pathlib.Path(workdir).resolve() / "checkpoints", options=options,
+                               item_names=("state", "meta"))
+
+
+def _saved_form(state: Any, carry: Any) -> dict[str, Any]:
+  """The state item: the PRNG key as raw key data, which orbax can store."""
+  return {"train": state.replace(rng=jax.random.key_data(state.rng)), "carry": carry}
+
+
+def save(mngr: ocp.CheckpointManager, state: Any, carry: Any, position: int, config: Any,
+         vocab: data.Vocab, val_loss: float | None = None) -> None:
+  """Saves a checkpoint at `state.step`; `val_loss` (if measured at this step) ranks the best."""
+  step = int(state.step)
+  meta = {"step": step, "position": position, "config": json.loads(config.to_json()),
+          "vocab": json.loads(vocab.to_json())}
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_saved_form(state, carry)),
+                                          meta=ocp.args.JsonSave(meta)),
+            metrics=None if val_loss is None else {"val_loss": val_loss}, force=True)
+
+
+def _warn(message: str) -> None:
+  print(message, file=sys.stderr)
+
+
+def _candidates(mngr: ocp.CheckpointManager, step: int | str) -> list[int]:
+  """Steps to try, newest first: all of them for 'latest', just one for 'best' or a number."""
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    raise UserError(f"no checkpoint in {mngr.directory}; train first, or check --workdir")
+  if step == "latest":
+    return steps
+  wanted = mngr.best_step() if step == "best" else int(step)
+  if wanted not in steps:
+    raise UserError(f"no checkpoint for step {step} in {mngr.directory}; saved steps: {steps}")
+  return [wanted]
+
+
+def _first_readable(mngr: ocp.CheckpointManager, step: int | str, args: Any) -> dict[str, Any]:
+  """Restores `args` from the newest readable candidate step, reporting each damaged one."""
+  candidates = _candidates(mngr, step)
+  for s in candidates:
+    try:
+      restored = mngr.restore(s, args=args)
+    except Exception as e:  # orbax and tensorstore raise many types for damaged files
+      _warn(f"checkpoint at step {s} is unreadable ({type(e).__name__}: {str(e)[:200]})")
+      continue
+    if s != candidates[0]:
+      _warn(f"restored the older checkpoint at step {s}")
+    return restored
+  raise UserError(f"no readable checkpoint in {mngr.directory} (tried steps {candidates}); "
+                  "delete the damaged step directories or start afresh")
+
+
+def restore(mngr: ocp.CheckpointManager, state: Any, carry: Any,
+            step: int | str = "latest") -> tuple[Any, Any, dict[str, Any]]:
+  """(state, carry, meta) of a checkpoint, shaped like `state` and `carry` (arrays or abstract).
+
+  With step 'latest', an unreadable checkpoint (truncated or corrupt files) is reported and
+  the next older one is tried.
+  """
+  template = jax.eval_shape(_saved_form, state, carry)
+  restored = _first_readable(mngr, step, ocp.args.Composite(
+      state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+  saved = restored["state"]
+  train = saved["train"].replace(rng=jax.random.wrap_key_data(saved["train"].rng))
+  return train, saved["carry"], restored["meta"]
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int | str = "latest") -> dict[str, Any]:
+  """The JSON item (step, position, config, vocab) of a checkpoint."""
+  return _first_readable(mngr, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def config_and_vocab(meta: dict[str, Any]) -> tuple[ml_collections.ConfigDict, data.Vocab]:
+  """The run's config and vocabulary from a checkpoint's meta item."""
+  return (ml_collections.ConfigDict(meta["config"]),
+          data.Vocab.from_json(json.dumps(meta["vocab"])))
+
+
+def check_compatible(saved: dict[str, Any], config: Any) -> None:
+  """Refuses to resume with a config that changes any of FROZEN_FIELDS, naming the field."""
+  for field in FROZEN_FIELDS:
+    section, name = field.split(".")
+    before, now = saved[section].get(name), config[section][name]
+    if before != now:
+      raise UserError(f"{field} is {now!r} but the checkpoint in this workdir was trained with "
+                      f"{before!r}; keep it, or use a new --workdir")
+
+
+class Preemption:
+  """Context: the first SIGTERM/SIGINT sets `requested` (save, then stop); a second exits now."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:
+      os._exit(128 + signum)
+    self.requested = True
+    _warn(f"received {signal.Signals(signum).name}: saving a checkpoint after this step "
+          "(send it again to exit at once)")
+
+  def __enter__(self) -> "Preemption":
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)

@@ -1,0 +1,39 @@
+"""Evaluates a saved run on a whole split and prints one JSON line.
+
+  python scripts/eval.py --workdir runs/lstm --split test --step best
+
+The config and vocabulary come from the checkpoint; --corpus evaluates on another text
+(symbols outside the run's vocabulary count as <unk>).
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from jaxrnn import UserError, data, train
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
+_SPLIT = flags.DEFINE_enum("split", "val", ["train", "val", "test"], "Split to evaluate.")
+_CORPUS = flags.DEFINE_string("corpus", None, "Corpus name or path; default: the run's.")
+_STEP = flags.DEFINE_string("step", "latest", "Checkpoint: a step number, 'best' or 'latest'.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    config, vocab, params, step = train.load_run(_WORKDIR.value, _STEP.value)
+    if _CORPUS.value:
+      config.data.corpus = _CORPUS.value
+    splits, _ = data.load_splits(config.data)
+    ids = vocab.encode(splits[_SPLIT.value])
+    result = train.make_evaluator(config)(params, ids)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps({"step": step, "split": _SPLIT.value, **result}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,203 @@
+"""Tests for jaxrnn.checkpoint: exact resume, fallback past damaged checkpoints, preemption."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from jaxrnn import UserError, checkpoint, data, model, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  path = tmp_path / "corpus.txt"
+  path.write_text("It was the best of times, it was the worst of times.\n" * 40)
+  return str(path)
+
+
+def tiny_config(corpus: str, steps: int):
+  config = default.get_config()
+  config.model.update(hidden_size=16, embed_dim=8, num_layers=2, dropout=0.1)
+  config.data.update(corpus=corpus, batch_size=4, seq_len=8)
+  config.train.update(steps=steps, log_every=1, eval_every=5, ckpt_every=5, eval_lanes=2)
+  return config
+
+
+def train_losses(workdir) -> list[tuple[int, float]]:
+  rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_is_bitwise_identical(corpus, tmp_path):
+  """10 steps, stop, resume to 20 == 20 steps straight: same params bit for bit, same losses."""
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.train_and_evaluate(tiny_config(corpus, 20), str(straight))
+  train.train_and_evaluate(tiny_config(corpus, 10), str(resumed))
+  train.train_and_evaluate(tiny_config(corpus, 20), str(resumed))
+  *_, params_a, step_a = train.load_run(str(straight))
+  *_, params_b, step_b = train.load_run(str(resumed))
+  assert step_a == step_b == 20
+  assert_trees_equal(params_a, params_b)
+  assert train_losses(straight) == train_losses(resumed)
+  assert [s for s, _ in train_losses(resumed)] == list(range(1, 21))
+
+
+def test_restored_iterator_and_carry_continue_the_stream(corpus, tmp_path):
+  """What a checkpoint restores (carry, data position) continues the interrupted stream exactly."""
+  config = tiny_config(corpus, 7)
+  vocab, ids = train.prepare_data(config)
+  tx = train.make_optimizer(config.train)
+  state = train.create_train_state(config, len(vocab), tx)
+  batches = data.train_batches(ids["train"], config.data, 0)
+  carry = model.initial_carry(config.model, config.data.batch_size)
+  step = jax.jit(lambda s, b, c: train.train_step(s, b, c, config=config, tx=tx))
+  for _ in range(7):
+    state, carry, _ = step(state, next(batches), carry)
+  mngr = checkpoint.manager(tmp_path)
+  checkpoint.save(mngr, state, carry, batches.position, config, vocab)
+  fresh = train.create_train_state(config, len(vocab), tx)
+  zeros = model.initial_carry(config.model, config.data.batch_size)
+  got_state, got_carry, meta = checkpoint.restore(mngr, fresh, zeros)
+  assert_trees_equal(got_carry, carry)
+  assert_trees_equal(got_state.opt_state, state.opt_state)
+  assert np.array_equal(jax.random.key_data(got_state.rng), jax.random.key_data(state.rng))
+  again = data.train_batches(ids["train"], config.data, 0, meta["position"])
+  assert np.array_equal(next(again)["inputs"], next(batches)["inputs"])
+
+
+def truncate_largest_file(step_dir: pathlib.Path) -> None:
+  largest = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+
+
+def test_truncated_latest_checkpoint_falls_back(corpus, tmp_path, capsys):
+  """A truncated newest checkpoint is reported by step and the next older one is used."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(corpus, 15), str(workdir))
+  *_, older_params, _ = train.load_run(str(workdir), 10)
+  truncate_largest_file(workdir / "checkpoints" / "15")
+  capsys.readouterr()
+  *_, params, step = train.load_run(str(workdir))
+  err = capsys.readouterr().err
+  assert step == 10
+  assert "checkpoint at step 15 is unreadable" in err and "older checkpoint at step 10" in err
+  assert_trees_equal(params, older_params)
+
+
+def test_unfinished_save_is_not_a_checkpoint(corpus, tmp_path):
+  """Orbax's temporary directory from a save cut short is never taken as the latest step."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(corpus, 10), str(workdir))
+  partial = workdir / "checkpoints" / "15.orbax-checkpoint-tmp-1234567"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "junk").write_bytes(b"\0" * 10)
+  assert checkpoint.manager(workdir).latest_step() == 10
+  *_, step = train.load_run(str(workdir))
+  assert step == 10
+
+
+def test_changing_the_model_shape_on_resume_is_refused(corpus, tmp_path):
+  """Resuming with another hidden size names the field instead of failing inside orbax."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(corpus, 5), str(workdir))
+  config = tiny_config(corpus, 10)
+  config.model.hidden_size = 32
+  with pytest.raises(UserError, match="model.hidden_size is 32 but .* trained with 16"):
+    train.train_and_evaluate(config, str(workdir))
+
+
+def test_nan_loss_keeps_the_good_checkpoint(corpus, tmp_path):
+  """A run that turns NaN after resuming stops without saving; the last good checkpoint stays."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(corpus, 5), str(workdir))
+  *_, good, _ = train.load_run(str(workdir))
+  config = tiny_config(corpus, 10)
+  config.train.lr = float("nan")
+  with pytest.raises(UserError, match="at step 7"):
+    train.train_and_evaluate(config, str(workdir))
+  assert checkpoint.manager(workdir).all_steps() == [5]
+  *_, params, _ = train.load_run(str(workdir))
+  assert_trees_equal(params, good)
+
+
+def test_keeps_latest_and_best(corpus, tmp_path):
+  """With keep=1 the latest checkpoint and the best-by-validation one both survive."""
+  workdir = tmp_path / "run"
+  config = tiny_config(corpus, 20)
+  config.train.keep = 1
+  train.train_and_evaluate(config, str(workdir))
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  val = {r["step"]: r["loss"] for r in rows if r["split"] == "val"}
+  best = min(val, key=val.get)
+  assert sorted(checkpoint.manager(workdir).all_steps()) == sorted({best, 20})
+
+
+def run_script(name, *args, **kwargs):
+  return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args],
+                        capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def script_flags(corpus, workdir, steps):
+  return [f"--workdir={workdir}", f"--config.data.corpus={corpus}", "--config.data.batch_size=4",
+          "--config.data.seq_len=8", "--config.model.hidden_size=16", "--config.model.embed_dim=8",
+          f"--config.train.steps={steps}", "--config.train.log_every=1",
+          "--config.train.eval_every=0", "--config.train.ckpt_every=100000",
+          "--config.train.eval_lanes=2"]
+
+
+def test_sigterm_saves_the_last_completed_step_and_resumes(corpus, tmp_path):
+  """SIGTERM mid-run: exit 0 with one line, a checkpoint at the last logged step; resume goes on."""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"),
+                           *script_flags(corpus, workdir, 1_000_000)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 120
+  while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert out == ""
+  saved = checkpoint.manager(workdir).latest_step()
+  assert f"preempted at step {saved}" in err.strip().splitlines()[-1]
+  assert train_losses(workdir)[-1][0] == saved
+  done = run_script("train.py", *script_flags(corpus, workdir, saved + 3))
+  assert done.returncode == 0, done.stderr
+  assert json.loads(done.stdout.splitlines()[-1])["step"] == saved + 3
+  assert [s for s, _ in train_losses(workdir)] == list(range(1, saved + 4))
+
+
+def test_eval_script_reproduces_the_logged_perplexity(corpus, tmp_path):
+  """scripts/eval.py on the saved run gives the validation perplexity training logged."""
+  workdir = tmp_path / "run"
+  result = run_script("train.py", *script_flags(corpus, workdir, 6))
+  assert result.returncode == 0, result.stderr
+  logged = json.loads(result.stdout.splitlines()[-1])
+  proc = run_script("eval.py", f"--workdir={workdir}", "--split=val")
+  assert proc.returncode == 0, proc.stderr
+  evaluated = json.loads(proc.stdout)
+  assert evaluated["step"] == 6 and evaluated["tokens"] == logged["tokens"]
+  assert evaluated["perplexity"] == pytest.approx(logged["perplexity"], rel=1e-6)
+
+
+@pytest.mark.parametrize("script", ["eval.py", "sample.py"])
+def test_missing_workdir_is_a_one_line_error(script, tmp_path):
+  """No workdir or no checkpoint: exit 2 and one line on stderr, no traceback."""
+  proc = run_script(script, f"--workdir={tmp_path / 'nowhere'}")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "no checkpoints" in proc.stderr

@@ -1,0 +1,89 @@
+"""Tests for jaxrnn.sample: greedy decoding by hand, seeds, top-k and top-p filters."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxrnn import UserError, cells, model, sample
+
+V = 11
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = ml_collections.ConfigDict(dict(cell="gru", hidden_size=12, num_layers=2, embed_dim=6,
+                                          one_hot=False, dropout=0.0, unroll=1,
+                                          nonlinearity="tanh", forget_bias=0.0))
+  params = model.init(jax.random.key(0), config, V)
+  params["head"]["w"] = params["head"]["w"] * 8.0  # peaked distributions, so greedy != random
+  return config, params
+
+
+def greedy_by_hand(params, prefix, length):
+  """Argmax decoding with cells.get('gru').step, one token and one layer at a time."""
+  cell = cells.get("gru")
+  carry = [jnp.zeros((1, 12)) for _ in range(2)]
+
+  def feed(token):
+    x = params["embed"][jnp.array([token])]
+    for i, layer in enumerate(params["layers"]):
+      carry[i], x = cell.step(layer, carry[i], x)
+    return x @ params["head"]["w"] + params["head"]["b"]
+
+  for token in prefix[:-1]:
+    feed(token)
+  out, token = list(prefix), prefix[-1]
+  for _ in range(length):
+    token = int(jnp.argmax(feed(token)[0]))
+    out.append(token)
+  return out
+
+
+def test_greedy_equals_argmax_decoding_by_hand(setup):
+  """temperature 0 gives the hand-rolled argmax sequence, prefix included."""
+  config, params = setup
+  prefix = [3, 1, 4, 1, 5]
+  got = sample.generate(params, config, jnp.array(prefix), 20, temperature=0.0)
+  assert got.tolist() == [greedy_by_hand(params, prefix, 20)]
+
+
+def test_seeds_decide_the_text(setup):
+  """The same seed gives the same samples; another seed gives others; samples differ per row."""
+  config, params = setup
+  prefix = jnp.array([2, 7])
+  a = sample.generate(params, config, prefix, 40, seed=1, num_samples=3)
+  b = sample.generate(params, config, prefix, 40, seed=1, num_samples=3)
+  c = sample.generate(params, config, prefix, 40, seed=2, num_samples=3)
+  assert np.array_equal(a, b) and not np.array_equal(a, c)
+  assert not np.array_equal(a[0], a[1])
+  assert a.shape == (3, 42) and np.all(a[:, :2] == np.array([2, 7]))
+
+
+def test_top_k_one_is_greedy(setup):
+  """top_k=1 leaves one token, so any temperature and seed decode greedily."""
+  config, params = setup
+  prefix = jnp.array([0, 9, 4])
+  greedy = sample.generate(params, config, prefix, 25, temperature=0.0)
+  top1 = sample.generate(params, config, prefix, 25, temperature=1.5, top_k=1, seed=5, num_samples=2)
+  assert np.array_equal(top1, np.repeat(greedy, 2, axis=0))
+
+
+def test_filters_keep_the_right_tokens():
+  """top-k keeps the k largest logits; top-p keeps the smallest prefix covering p, at least one."""
+  logits = jnp.log(jnp.array([[0.5, 0.05, 0.3, 0.15]]))
+  kept = lambda f: np.isfinite(np.asarray(f))[0].tolist()
+  assert kept(sample.filter_logits(logits, 1.0, 2, 1.0)) == [True, False, True, False]
+  assert kept(sample.filter_logits(logits, 1.0, 0, 0.75)) == [True, False, True, False]
+  assert kept(sample.filter_logits(logits, 1.0, 0, 0.81)) == [True, False, True, True]
+  assert kept(sample.filter_logits(logits, 1.0, 0, 0.1)) == [True, False, False, False]
+
+
+def test_bad_arguments_are_user_errors(setup):
+  """An empty prefix or a negative temperature is refused with a clear message."""
+  config, params = setup
+  with pytest.raises(UserError, match="at least one token"):
+    sample.generate(params, config, jnp.array([], jnp.int32), 5)
+  with pytest.raises(UserError, match="temperature >= 0"):
+    sample.generate(params, config, jnp.array([1]), 5, temperature=-1.0)
