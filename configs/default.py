@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.warmup_steps = 0  # linear warmup from 0 to lr
   config.train.weight_decay = 0.0  # adamw only
   config.train.clip_norm = 1.0  # global-norm gradient clipping; 0 turns it off
+  config.train.devices = 0  # local devices for data parallelism (pmap); 0: all of them
   config.train.seed = 0  # parameters, dropout and random batching
   config.train.log_every = 10  # steps between train rows in metrics.jsonl
   config.train.eval_every = 250  # steps between whole-split validations; 0: only at the end

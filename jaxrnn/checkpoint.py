@@ -55,7 +55,8 @@ def save(mngr: ocp.CheckpointManager, state: Any, carry: Any, position: int, con
   step = int(state.step)
   meta = {"step": step, "position": position, "config": json.loads(config.to_json()),
           "vocab": json.loads(vocab.to_json())}
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_saved_form(state, carry)),
+  arrays = jax.device_get(_saved_form(state, carry))  # host copies: orbax writes them from process 0
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                           meta=ocp.args.JsonSave(meta)),
             metrics=None if val_loss is None else {"val_loss": val_loss}, force=True)
 

@@ -31,11 +31,29 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *,
   return carry, jnp.swapaxes(ys, 0, 1)
 
 
+def row_keys(rng: jax.Array, rows: int) -> jax.Array:
+  """keys<key>[b]: `rng` itself if it already holds one key per row, else fold_in(rng, row)."""
+  if rng.ndim == 1:
+    return rng
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(rows))
+
+
+def split_rows(rng: jax.Array, num: int, rows: int) -> list[jax.Array]:
+  """`num` independent keys<key>[b], split row by row from `rng` (see `row_keys`)."""
+  keys = jax.vmap(lambda k: jax.random.split(k, num))(row_keys(rng, rows))  # [b, num]
+  return [keys[:, i] for i in range(num)]
+
+
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """Inverted dropout; the identity when `rng` is None (evaluation) or `rate` is 0."""
+  """Inverted dropout on x[b, ...]; the identity when `rng` is None (evaluation) or `rate` is 0.
+
+  Each row draws its mask from its own key (`row_keys`), so a row's mask is the same however
+  the batch is split across devices.
+  """
   if rng is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  keep = jax.vmap(lambda k, row: jax.random.bernoulli(k, 1.0 - rate, row.shape))(
+      row_keys(rng, x.shape[0]), x)
   return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
@@ -44,9 +62,11 @@ def run_stack(cell: Cell, layer_params: Sequence[Params], carries: Sequence[Carr
               reset: jax.Array | None = None, unroll: int = 1) -> tuple[list[Carry], jax.Array]:
   """Runs stacked layers over xs<float>[b, t, d] -> (carries, ys<float>[b, t, h]).
 
-  Dropout is applied between layers (to the input of layers 2..n) when `rng` is given.
+  Dropout is applied between layers (to the input of layers 2..n) when `rng` (one key, or
+  keys<key>[b]) is given.
   """
-  keys = jax.random.split(rng, len(layer_params)) if rng is not None else [None] * len(layer_params)
+  n = len(layer_params)
+  keys = split_rows(rng, n, xs.shape[0]) if rng is not None else [None] * n
   new_carries = []
   for i, (params, carry) in enumerate(zip(layer_params, carries)):
     if i > 0:

@@ -52,7 +52,8 @@ def apply(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *, conf
   """tokens<int>[b, t] -> (carry, logits<float>[b, t, v]); dropout only when `train`.
 
   Dropout (rate `config.dropout`) is applied to the embeddings, between layers and before the
-  head, as in Zaremba et al. 2014. reset<bool>[b, t] zeroes the carry before marked steps.
+  head, as in Zaremba et al. 2014; `rng` is one key or keys<key>[b], one per row (see
+  `layers.row_keys`). reset<bool>[b, t] zeroes the carry before marked steps.
   """
   vocab_size = params["head"]["b"].shape[0]
   if config.one_hot:
@@ -60,7 +61,7 @@ def apply(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *, conf
   else:
     x = params["embed"][tokens]
   rng = rng if train else None
-  k_in, k_stack, k_out = jax.random.split(rng, 3) if rng is not None else (None,) * 3
+  k_in, k_stack, k_out = layers.split_rows(rng, 3, tokens.shape[0]) if rng is not None else (None,) * 3
   x = layers.dropout(x, config.dropout, k_in)
   carry, y = layers.run_stack(cells.from_config(config), params["layers"], carry, x,
                               dropout_rate=config.dropout, rng=k_stack, reset=reset,

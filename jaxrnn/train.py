@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrnn import UserError, __version__, cells, checkpoint, data, model
+from jaxrnn import UserError, __version__, cells, checkpoint, data, model, parallel
 
 Config = Any  # ml_collections.ConfigDict
 
@@ -73,13 +73,19 @@ def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, config: Config,
-               tx: optax.GradientTransformation) -> tuple[TrainState, Any, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation,
+               across_devices: bool = False) -> tuple[TrainState, Any, dict[str, jax.Array]]:
   """One optimizer step on batch {inputs, targets}<int>[b, t]; the carry enters as a constant.
 
   Returns the new state, the final carry (for the next batch of the same lanes) and metrics:
-  mean loss (nats/token), gradient global norm before clipping, learning rate.
+  mean loss (nats/token), gradient global norm before clipping, learning rate. Under
+  `parallel.pmap` with `across_devices`, gradients and loss are averaged over devices, and each
+  row's dropout key comes from its global row index, so any device count gives the same step.
   """
-  rng = jax.random.fold_in(state.rng, state.step)
+  rows = batch["inputs"].shape[0]
+  first_row = parallel.row_offset(rows) if across_devices else 0
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  rng = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(first_row + jnp.arange(rows))
 
   def loss_fn(params):
     new_carry, logits = model.apply(params, carry, batch["inputs"], config=config.model,
@@ -87,6 +93,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
     return _nll(logits, batch["targets"]).mean(), new_carry
 
   (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if across_devices:
+    loss, grads = parallel.mean((loss, grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
@@ -95,32 +103,42 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
   return new_state, jax.lax.stop_gradient(new_carry), metrics
 
 
-def eval_step(params: Any, carry: Any, batch: dict[str, jax.Array], *,
+def eval_step(params: Any, batch: dict[str, jax.Array], carry: Any, *,
               config: Config) -> tuple[Any, jax.Array, jax.Array]:
-  """(carry, nll_sum, tokens) over one masked chunk {inputs, targets, mask}[b, t], dropout off."""
+  """(carry, nll<float>[b], tokens<float>[b]) summed over one masked chunk, per lane; no dropout."""
   carry, logits = model.apply(params, carry, batch["inputs"], config=config.model)
-  return carry, (_nll(logits, batch["targets"]) * batch["mask"]).sum(), batch["mask"].sum()
+  nll = _nll(logits, batch["targets"]) * batch["mask"]
+  return carry, nll.sum(axis=1), batch["mask"].sum(axis=1)
 
 
-def make_evaluator(config: Config) -> Callable[[Any, np.ndarray], dict[str, float]]:
+def make_evaluator(config: Config, devs: parallel.Devices | None = None
+                   ) -> Callable[[Any, np.ndarray], dict[str, float]]:
   """`evaluate(params, ids<int>[n])`: loss, perplexity, bpc and tokens over a whole split.
 
-  The split is cut into `train.eval_lanes` contiguous lanes read side by side, the state
-  carried along each lane; every target counts once, padding never. One lane is the exact
-  sequential evaluation; 16 lanes differ from it only by the 15 lane starts from zero state.
+  The split is cut into `train.eval_lanes` contiguous lanes read side by side (split over
+  the devices), the state carried along each lane; every target counts once, padding never.
+  Per-lane sums are added up on the host in float64, in lane order, whatever the device count.
+  One lane is the exact sequential evaluation; 16 lanes differ from it only by the 15 lane
+  starts from a zero state. `devs`: all local devices by default.
   """
-  step = jax.jit(functools.partial(eval_step, config=config))
+  devs = devs or parallel.devices()
+  parallel.check_divisible(config.train.eval_lanes, devs, "train.eval_lanes")
+  step = parallel.pmap(functools.partial(eval_step, config=config), devs)
+  zeros = model.initial_carry(config.model, config.train.eval_lanes)
 
   def evaluate(params, ids):
-    carry = model.initial_carry(config.model, config.train.eval_lanes)
-    nll_sum, tokens = 0.0, 0.0
+    params = parallel.replicate(params, devs)
+    carry = parallel.shard(parallel.process_rows(zeros, devs), devs)
+    nll, tokens = 0.0, 0.0
     for chunk in data.eval_chunks(ids, config.train.eval_lanes, config.train.eval_chunk):
-      carry, nll, count = step(params, carry, chunk)
-      nll_sum += float(nll)
-      tokens += float(count)
-    loss = nll_sum / tokens
+      carry, chunk_nll, chunk_tokens = step(
+          params, parallel.shard(parallel.process_rows(chunk, devs), devs), carry)
+      nll += parallel.unshard(chunk_nll).astype(np.float64)
+      tokens += parallel.unshard(chunk_tokens).astype(np.float64)
+    nll, tokens = parallel.all_rows((nll, tokens), devs)
+    loss = float(nll.sum() / tokens.sum())
     return {"loss": loss, "perplexity": math.exp(loss), "bpc": loss / math.log(2),
-            "tokens": int(tokens)}
+            "tokens": int(tokens.sum())}
 
   return evaluate
 
@@ -140,34 +158,43 @@ class _Log:
   """metrics.jsonl rows, plus progress on stderr (a bar on a terminal, plain lines otherwise).
 
   On resume, rows past the restored step (written after the last checkpoint) are dropped,
-  since those steps run again.
+  since those steps run again. Only the main process of a multi-host run writes.
   """
 
-  def __init__(self, workdir: pathlib.Path, steps: int, resumed_at: int = 0):
+  def __init__(self, workdir: pathlib.Path, steps: int, resumed_at: int = 0, enabled: bool = True):
+    self.enabled, self.file, self.bar = enabled, None, None
+    if not enabled:
+      return
     path = workdir / "metrics.jsonl"
     if path.exists():
       kept = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= resumed_at]
       path.write_text("".join(r + "\n" for r in kept))
     self.file = open(path, "a")
-    self.bar = None
     if sys.stderr.isatty():
       import tqdm  # the usual progress bar; only on an interactive terminal
       self.bar = tqdm.tqdm(total=steps, initial=resumed_at, file=sys.stderr, dynamic_ncols=True)
 
+  def note(self, text: str) -> None:
+    if self.enabled:
+      (self.bar.write if self.bar else lambda s: print(s, file=sys.stderr))(text)
+
   def write(self, row: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     self.file.write(json.dumps(row) + "\n")
     self.file.flush()
     if row["split"] == "train" and self.bar is not None:
       self.bar.update(row["step"] - self.bar.n)
       self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
     else:
-      fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-      (self.bar.write if self.bar else lambda s: print(s, file=sys.stderr))(fields)
+      self.note(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in row.items()))
 
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
 
 
 def prepare_data(config: Config) -> tuple[data.Vocab, dict[str, np.ndarray]]:
@@ -204,35 +231,55 @@ def _resume(mngr, state, carry, config, vocab) -> tuple[TrainState, Any, int]:
   return state, carry, meta["position"]
 
 
+def _write_run_files(workdir: pathlib.Path, config: Config, vocab: data.Vocab,
+                     devs: parallel.Devices) -> None:
+  """The resolved config, the vocabulary and what the run ran on, for reproducing it."""
+  (workdir / "config.json").write_text(config.to_json(indent=2))
+  (workdir / "vocab.json").write_text(vocab.to_json())
+  (workdir / "run.json").write_text(json.dumps({
+      "jaxrnn": __version__, "jax": jax.__version__, "jaxlib": jax.lib.__version__,
+      "device_kind": devs.local[0].device_kind, "devices": devs.count,
+      "processes": devs.process_count}))
+
+
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   """Trains per `config` (resuming from `workdir`'s latest checkpoint), logging to metrics.jsonl.
 
-  Returns the final validation figures, or {"step", "preempted": True} after a SIGTERM/SIGINT.
+  The step runs under `parallel.pmap` over `train.devices` devices (one included), each with
+  its block of the batch's lanes and their carried states. Returns the final validation
+  figures, or {"step", "preempted": True} after a SIGTERM/SIGINT.
   """
   check_config(config)
+  devs = parallel.devices(config.train.devices)
+  parallel.check_divisible(config.data.batch_size, devs, "data.batch_size")
+  evaluate = make_evaluator(config, devs)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   vocab, ids = prepare_data(config)
   tx = make_optimizer(config.train)
-  zero_carry = model.initial_carry(config.model, config.data.batch_size)
+  zeros = model.initial_carry(config.model, config.data.batch_size)
   mngr = checkpoint.manager(workdir, config.train.keep)
-  state, carry, position = _resume(mngr, create_train_state(config, len(vocab), tx), zero_carry,
+  state, carry, position = _resume(mngr, create_train_state(config, len(vocab), tx), zeros,
                                    config, vocab)
-  (workdir / "config.json").write_text(config.to_json(indent=2))
-  (workdir / "vocab.json").write_text(vocab.to_json())
-  (workdir / "run.json").write_text(json.dumps({
-      "jaxrnn": __version__, "jax": jax.__version__, "devices": str(jax.devices())}))
+  if devs.is_main:
+    _write_run_files(workdir, config, vocab, devs)
 
-  step_fn = jax.jit(functools.partial(train_step, config=config, tx=tx), donate_argnums=(0,))
+  def local(rows):  # this process' lanes, one block per device
+    return parallel.shard(parallel.process_rows(rows, devs), devs)
+
+  step_fn = parallel.pmap(functools.partial(train_step, config=config, tx=tx, across_devices=True),
+                          devs, donate_argnums=(0,))
   batches = data.train_batches(ids["train"], config.data, config.train.seed, position)
-  evaluate = make_evaluator(config)
   first = int(state.step) + 1
-  log = _Log(workdir, config.train.steps, resumed_at=first - 1)
-  print(f"{model.num_params(state.params):,} parameters, vocabulary {len(vocab)}, "
-        f"{len(ids['train']):,} training tokens", file=sys.stderr)
+  params_count = model.num_params(state.params)
+  state, carry, zeros = parallel.replicate(state, devs), local(carry), local(zeros)
+  log = _Log(workdir, config.train.steps, resumed_at=first - 1, enabled=devs.is_main)
+  log.note(f"{params_count:,} parameters, vocabulary {len(vocab)}, {len(ids['train']):,} "
+           f"training tokens, {devs.count} {devs.local[0].platform} device(s)")
 
   def evaluate_splits(step, splits):
-    rows = {s: evaluate(state.params, ids[s]) for s in splits if len(ids[s]) > 1}
+    params = parallel.unreplicate(state.params)
+    rows = {s: evaluate(params, ids[s]) for s in splits if len(ids[s]) > 1}
     for split, row in rows.items():
       log.write({"step": step, "split": split, **row})
     return rows
@@ -245,8 +292,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       tick = time.perf_counter()
       batch = next(batches)
       if batch["reset"]:
-        carry = zero_carry
-      state, carry, metrics = step_fn(state, {k: batch[k] for k in ("inputs", "targets")}, carry)
+        carry = zeros
+      state, carry, metrics = step_fn(state, local({k: batch[k] for k in ("inputs", "targets")}),
+                                      carry)
+      metrics = parallel.unreplicate(metrics)
       loss = float(metrics["loss"])  # waits for the step, so the timing below is the step's
       train_seconds += time.perf_counter() - tick
       if not math.isfinite(loss):  # stop before this state can reach a checkpoint
@@ -263,17 +312,19 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       if evaluated:
         evals = evaluate_splits(step, ("val", "test") if last else ("val",))
       if last or preemption.requested or step % config.train.ckpt_every == 0:
-        checkpoint.save(mngr, state, carry, batches.position, config, vocab,
+        checkpoint.save(mngr, parallel.unreplicate(state),
+                        parallel.all_rows(parallel.unshard(carry), devs), batches.position,
+                        config, vocab,
                         val_loss=evals["val"]["loss"] if evaluated and "val" in evals else None)
       if preemption.requested:
         log.close()
         return {"step": step, "preempted": True}
   if not evals:  # the workdir's run had already finished: report it again
-    evals = evaluate_splits(int(state.step), ("val", "test"))
+    evals = evaluate_splits(first - 1, ("val", "test"))
   log.close()
 
-  result = {"step": int(state.step), "params": model.num_params(state.params),
-            "seconds": round(time.perf_counter() - start, 1)}
+  result = {"step": int(parallel.unreplicate(state.step)), "params": params_count,
+            "devices": devs.count, "seconds": round(time.perf_counter() - start, 1)}
   for split, row in evals.items():
     prefix = "" if split == "val" else "test_"
     result.update({f"{split}_loss": row["loss"], f"{prefix}perplexity": row["perplexity"],

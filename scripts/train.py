@@ -14,19 +14,25 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxrnn import UserError, train
+from jaxrnn import UserError, parallel, train
 
 _DEFAULT = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, config and vocabulary.",
                                required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index in [0, num_processes).")
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
@@ -36,7 +42,8 @@ def main(argv: list[str]) -> None:
     print(f"preempted at step {result['step']}: checkpoint saved; run the same command to resume",
           file=sys.stderr)
     return
-  print(json.dumps(result))
+  if parallel.devices().is_main:
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
