@@ -39,6 +39,9 @@ class Cell:
   initial_carry: Callable[[int, int], Carry]
   project: Callable[[Params, jax.Array], jax.Array]
   recur: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+  # For cells whose one recurrent product is gh = h_prev @ w_hh: `recur` with gh given
+  # (core(params, carry, gx, gh)), which lets `layers.run` take gradients of w_hh outside the loop.
+  core: Callable[[Params, Carry, jax.Array, jax.Array], tuple[Carry, jax.Array]] | None = None
 
   def step(self, params: Params, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]:
     """One time step: x<float>[b, d] -> (carry, y<float>[b, h])."""
@@ -69,6 +72,19 @@ def _project(params: Params, x: jax.Array) -> jax.Array:
   return x @ params["w_ih"] + params["b"]
 
 
+def hidden(carry: Carry) -> jax.Array:
+  """The previous output h<b, h>, which feeds the recurrent product: the carry or its first entry."""
+  return carry[0] if isinstance(carry, tuple) else carry
+
+
+def _gated(name: str, init: Callable[..., Params], initial_carry: Callable[[int, int], Carry],
+           core: Callable[..., tuple[Carry, jax.Array]]) -> Cell:
+  """A cell of the form x W_ih + b, then core(params, carry, gx, h_prev W_hh)."""
+  def recur(params, carry, gx):
+    return core(params, carry, gx, hidden(carry) @ params["w_hh"])
+  return Cell(name, init, initial_carry, _project, recur, core)
+
+
 def rnn(nonlinearity: str = "tanh") -> Cell:
   """Elman RNN: h' = act(x W_ih + h W_hh + b), act in {tanh, relu} (torch.nn.RNN)."""
   acts = {"tanh": jnp.tanh, "relu": jax.nn.relu}
@@ -76,11 +92,11 @@ def rnn(nonlinearity: str = "tanh") -> Cell:
     raise UserError(f"rnn nonlinearity must be one of {', '.join(acts)}, got {nonlinearity!r}")
   act = acts[nonlinearity]
 
-  def recur(params, h, gx):
-    h = act(gx + h @ params["w_hh"])
+  def core(params, h, gx, gh):
+    h = act(gx + gh)
     return h, h
 
-  return Cell("rnn", lambda key, d, h: _init_gated(key, d, h, 1), _zeros, _project, recur)
+  return _gated("rnn", lambda key, d, h: _init_gated(key, d, h, 1), _zeros, core)
 
 
 def gru() -> Cell:
@@ -90,8 +106,7 @@ def gru() -> Cell:
     k, k_hn = jax.random.split(key)
     return {**_init_gated(k, d, h, 3), "b_hn": _uniform(k_hn, (h,), h)}
 
-  def recur(params, h, gx):
-    gh = h @ params["w_hh"]
+  def core(params, h, gx, gh):
     xr, xz, xn = jnp.split(gx, 3, axis=-1)
     hr, hz, hn = jnp.split(gh, 3, axis=-1)
     r = jax.nn.sigmoid(xr + hr)
@@ -100,7 +115,7 @@ def gru() -> Cell:
     h = (1.0 - z) * n + z * h
     return h, h
 
-  return Cell("gru", init, _zeros, _project, recur)
+  return _gated("gru", init, _zeros, core)
 
 
 def lstm(forget_bias: float = 0.0) -> Cell:
@@ -114,14 +129,14 @@ def lstm(forget_bias: float = 0.0) -> Cell:
   def initial_carry(b, h):
     return (_zeros(b, h), _zeros(b, h))
 
-  def recur(params, carry, gx):
-    h, c = carry
-    i, f, g, o = jnp.split(gx + h @ params["w_hh"], 4, axis=-1)
+  def core(params, carry, gx, gh):
+    _, c = carry
+    i, f, g, o = jnp.split(gx + gh, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
     return (h, c), h
 
-  return Cell("lstm", init, initial_carry, _project, recur)
+  return _gated("lstm", init, initial_carry, core)
 
 
 _REGISTRY: dict[str, Callable[..., Cell]] = {

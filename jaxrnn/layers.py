@@ -4,23 +4,37 @@ This is the only module that loops over time. Public functions take batch-major 
 (xs<float>[b, t, d]); inside, the scan runs time-major ([t, b, ...]).
 """
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells import Carry, Cell, Params
+from jaxrnn import UserError
+from jaxrnn.cells import Carry, Cell, Params, hidden
+
+
+IMPLS = ("fused", "scan")
 
 
 def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *,
-        reset: jax.Array | None = None, unroll: int = 1) -> tuple[Carry, jax.Array]:
+        reset: jax.Array | None = None, unroll: int = 1,
+        impl: str = "fused") -> tuple[Carry, jax.Array]:
   """Runs `cell` over xs<float>[b, t, d] -> (final carry, ys<float>[b, t, h]).
 
   reset<bool>[b, t], optional: where True, the carry is zeroed (the initial carry) before that
-  step, e.g. at a document boundary. `unroll` is passed to `lax.scan`.
+  step, e.g. at a document boundary. `unroll` is passed to `lax.scan`. impl "fused" (used for
+  cells with a `core` and no resets) has a custom VJP whose backward loop does only the
+  recurrent product, with dW_hh taken afterwards as one matrix product over all steps; "scan"
+  differentiates the plain scan. Both compute the same values and gradients.
   """
+  if impl not in IMPLS:
+    raise UserError(f"model.impl must be one of {', '.join(IMPLS)}, got {impl!r}")
   gx = cell.project(params, jnp.swapaxes(xs, 0, 1))  # [t, b, g]: one product for all steps
-  if reset is None:
+  if impl == "fused" and cell.core is not None and reset is None:
+    core_params = {k: v for k, v in params.items() if k not in ("w_ih", "w_hh", "b")}
+    carry, ys = _fused(cell.core, unroll, params["w_hh"], core_params, carry, gx)
+  elif reset is None:
     carry, ys = jax.lax.scan(lambda c, g: cell.recur(params, c, g), carry, gx, unroll=unroll)
   else:
     def body(c, inputs):
@@ -29,6 +43,59 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *,
       return cell.recur(params, c, g)
     carry, ys = jax.lax.scan(body, carry, (gx, jnp.swapaxes(reset, 0, 1)), unroll=unroll)
   return carry, jnp.swapaxes(ys, 0, 1)
+
+
+def _fused_forward(core, unroll, w_hh, core_params, carry, gx):
+  """Forward scan; also returns the residuals: each step's input carry and product gh."""
+  def body(c, g):
+    gh = hidden(c) @ w_hh
+    new, y = core(core_params, c, g, gh)
+    return new, (y, c, gh)
+  carry, (ys, carries, ghs) = jax.lax.scan(body, carry, gx, unroll=unroll)
+  return (carry, ys), (carries, ghs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(core, unroll, w_hh, core_params, carry, gx):
+  """A `core` cell over gx<[t, b, g]> from `carry` -> (carry, ys<[t, b, h]>)."""
+  return _fused_forward(core, unroll, w_hh, core_params, carry, gx)[0]
+
+
+def _fused_fwd(core, unroll, w_hh, core_params, carry, gx):
+  out, (carries, ghs) = _fused_forward(core, unroll, w_hh, core_params, carry, gx)
+  return out, (w_hh, core_params, carries, gx, ghs)
+
+
+def _fused_bwd(core, unroll, residuals, cotangents):
+  """Reverse scan with only d(h_prev) = d(gh) W_hh^T inside; dW_hh = H_prev^T dGH in one product."""
+  w_hh, core_params, carries, gx, ghs = residuals
+  d_carry, d_ys = cotangents
+  w_hh_t = w_hh.T  # transposed once, not in every iteration
+
+  def body(state, inputs):
+    d_carry, d_core = state
+    carry, g, gh, d_y = inputs
+    _, vjp = jax.vjp(lambda p, c, g_, gh_: core(p, c, g_, gh_), core_params, carry, g, gh)
+    dp, d_prev, d_g, d_gh = vjp((d_carry, d_y))
+    d_prev = _add_to_hidden(d_prev, d_gh @ w_hh_t)
+    return (d_prev, jax.tree.map(jnp.add, d_core, dp)), (d_g, d_gh)
+
+  zero_core = jax.tree.map(jnp.zeros_like, core_params)
+  (d_carry0, d_core), (d_gx, d_ghs) = jax.lax.scan(
+      body, (d_carry, zero_core), (carries, gx, ghs, d_ys), reverse=True, unroll=unroll)
+  h_prev = hidden(carries)  # [t, b, h]
+  d_w_hh = h_prev.reshape(-1, h_prev.shape[-1]).T @ d_ghs.reshape(-1, d_ghs.shape[-1])
+  return d_w_hh, d_core, d_carry0, d_gx
+
+
+def _add_to_hidden(d_carry: Carry, d_h: jax.Array) -> Carry:
+  """Adds d_h to the hidden-state entry of a carry cotangent (see `cells.hidden`)."""
+  if isinstance(d_carry, tuple):
+    return (d_carry[0] + d_h,) + tuple(d_carry[1:])
+  return d_carry + d_h
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def row_keys(rng: jax.Array, rows: int) -> jax.Array:
@@ -59,7 +126,8 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 def run_stack(cell: Cell, layer_params: Sequence[Params], carries: Sequence[Carry], xs: jax.Array,
               *, dropout_rate: float = 0.0, rng: jax.Array | None = None,
-              reset: jax.Array | None = None, unroll: int = 1) -> tuple[list[Carry], jax.Array]:
+              reset: jax.Array | None = None, unroll: int = 1,
+              impl: str = "fused") -> tuple[list[Carry], jax.Array]:
   """Runs stacked layers over xs<float>[b, t, d] -> (carries, ys<float>[b, t, h]).
 
   Dropout is applied between layers (to the input of layers 2..n) when `rng` (one key, or
@@ -71,6 +139,6 @@ def run_stack(cell: Cell, layer_params: Sequence[Params], carries: Sequence[Carr
   for i, (params, carry) in enumerate(zip(layer_params, carries)):
     if i > 0:
       xs = dropout(xs, dropout_rate, keys[i])
-    carry, xs = run(cell, params, carry, xs, reset=reset, unroll=unroll)
+    carry, xs = run(cell, params, carry, xs, reset=reset, unroll=unroll, impl=impl)
     new_carries.append(carry)
   return new_carries, xs

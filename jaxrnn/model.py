@@ -65,7 +65,7 @@ def apply(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *, conf
   x = layers.dropout(x, config.dropout, k_in)
   carry, y = layers.run_stack(cells.from_config(config), params["layers"], carry, x,
                               dropout_rate=config.dropout, rng=k_stack, reset=reset,
-                              unroll=config.unroll)
+                              unroll=config.unroll, impl=config.get("impl", "fused"))
   y = layers.dropout(y, config.dropout, k_out)
   return carry, y @ params["head"]["w"] + params["head"]["b"]
 

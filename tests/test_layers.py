@@ -1,11 +1,14 @@
 """Tests for jaxrnn.layers: scan against a Python loop, resets, unroll, stacks and dropout."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 
-from jaxrnn import cells, layers
+from jaxrnn import UserError, cells, layers
 
 CELLS = ["rnn", "gru", "lstm"]
 B, T, D, H = 4, 9, 5, 6
@@ -154,3 +157,33 @@ def test_run_stack_dropout_only_between_layers(name):
   zero_rate = layers.run_stack(cell, layer_params, carries, xs, dropout_rate=0.0,
                                rng=jax.random.key(10))
   _assert_trees_close(zero_rate, (clean_carries, clean_ys), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["rnn", "gru", "lstm"])
+def test_fused_gradients_equal_plain_scan(name):
+  """The custom-VJP path's values and gradients (params, carry, inputs) equal the plain scan's."""
+  cell = cells.get(name)
+  rng = np.random.default_rng(11)
+  params = cell.init(jax.random.key(11), D, H)
+  carry = _random_carry(name, rng)
+  xs = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
+
+  def loss(impl, params, carry, xs):
+    final, ys = layers.run(cell, params, carry, xs, impl=impl)
+    return jnp.sum(ys * cotangent) + sum(jnp.sum(c ** 2) for c in jax.tree.leaves(final))
+
+  fused = jax.value_and_grad(functools.partial(loss, "fused"), argnums=(0, 1, 2))(params, carry, xs)
+  plain = jax.value_and_grad(functools.partial(loss, "scan"), argnums=(0, 1, 2))(params, carry, xs)
+  for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(plain), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  jax.test_util.check_grads(functools.partial(loss, "fused"), (params, carry, xs), order=1,
+                            modes=("rev",), atol=1e-2, rtol=1e-2)
+
+
+def test_unknown_impl_is_refused():
+  """A misspelt model.impl names the valid choices."""
+  cell = cells.get("rnn")
+  with pytest.raises(UserError, match="fused, scan"):
+    layers.run(cell, cell.init(jax.random.key(0), D, H), cell.initial_carry(B, H),
+               jnp.zeros((B, T, D)), impl="fast")

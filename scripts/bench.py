@@ -1,0 +1,365 @@
+"""python scripts/bench.py --cells=rnn,gru,lstm --peers=torch,flax --out=bench.json
+
+Benchmarks jaxrnn against the same model in PyTorch and flax.linen (training and evaluation
+tokens/s, sampling chars/s, achieved GFLOP/s), then jaxrnn's lstm alone: training tokens/s over
+--seq_sweep and the compiled training step's memory at seq 64 and 1024. Rounds are interleaved
+(A B C A B C ...); the table shows medians and jaxrnn/x, the first jaxrnn row's figure over the
+row's (above 1: jaxrnn is faster). `--quick` shrinks everything for the test suite.
+"""
+
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from configs import default
+from jaxrnn import UserError, model, sample, train
+
+flags.DEFINE_string("cells", "rnn,gru,lstm", "Comma list of cells to benchmark.")
+flags.DEFINE_integer("layers", 2, "Stacked layers.")
+flags.DEFINE_integer("hidden", 256, "Hidden size per layer.")
+flags.DEFINE_integer("embed", 256, "Embedding width.")
+flags.DEFINE_integer("batch", 32, "Training lanes.")
+flags.DEFINE_integer("seq", 64, "Training sequence length.")
+flags.DEFINE_integer("vocab", 65, "Vocabulary size.")
+flags.DEFINE_integer("steps", 10, "Timed calls per round.")
+flags.DEFINE_integer("rounds", 5, "Interleaved rounds; the median is reported.")
+flags.DEFINE_integer("warmup", 3, "Untimed calls per implementation before the rounds.")
+flags.DEFINE_string("peers", "torch,flax", "Comma list of peers (torch, flax); missing: skipped.")
+flags.DEFINE_string("seq_sweep", "32,64,256,1024", "Sequence lengths of the jaxrnn lstm sweep.")
+flags.DEFINE_string("device", "cpu", "JAX platform: cpu, gpu (CUDA) or tpu; torch follows gpu to cuda.")
+flags.DEFINE_bool("quick", False, "Tiny sizes for the test suite; flags given explicitly win.")
+flags.DEFINE_string("out", "bench.json", "Where to write the results as JSON.")
+flags.DEFINE_string("impls", "", "Comma list of config.model.impl values; '': the default.")
+FLAGS = flags.FLAGS
+
+_QUICK = {"hidden": 32, "embed": 16, "batch": 4, "seq": 8, "steps": 2, "rounds": 2, "warmup": 1,
+          "seq_sweep": "8,16"}
+_CELLS = {"rnn": (1, "RNN", "SimpleCell"), "gru": (3, "GRU", "GRUCell"),
+          "lstm": (4, "LSTM", "OptimizedLSTMCell")}  # gates, torch.nn class, flax.linen cell
+_LANES, _CHUNK = 16, 256  # evaluation batch
+_SAMPLES, _PREFIX, _LENGTH = 4, 100, 500
+_MEMORY_SEQS = (64, 1024)
+Data = dict[str, Any]  # numpy (inputs, targets) for "train" and "eval", prefix<int>[p]
+Fns = dict[str, Callable[[], int]]  # measure -> one call, returning the tokens or chars it did
+
+
+def _split(text: str) -> list[str]:
+  return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _tokens(rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """(inputs, targets)<int32>[rows, length], random with a fixed seed, targets shifted by one."""
+  ids = np.random.default_rng(0).integers(0, FLAGS.vocab, (rows, length + 1), dtype=np.int32)
+  return ids[:, :-1], ids[:, 1:]
+
+
+def _config(cell: str, impl: str | None) -> Any:
+  """configs/default.py with the benchmark's model, batch and optimizer."""
+  config = default.get_config()
+  config.model.update(cell=cell, num_layers=FLAGS.layers, hidden_size=FLAGS.hidden,
+                      embed_dim=FLAGS.embed, one_hot=False, dropout=0.0)
+  if impl and "impl" in config.model:
+    config.model.impl = impl
+  config.data.update(batch_size=FLAGS.batch, seq_len=FLAGS.seq)
+  config.train.update(optimizer="adam", lr=3e-3, clip_norm=1.0, schedule="constant",
+                      warmup_steps=0)
+  return config
+
+
+@functools.cache
+def _train_step(cell: str, impl: str | None) -> tuple[Any, Callable, Callable]:
+  """(config, state init, jitted train_step donating the state) of one jaxrnn model."""
+  # Cached so that timing, sweep and memory share one compilation wherever shapes agree.
+  config = _config(cell, impl)
+  tx = train.make_optimizer(config.train)
+  init = lambda: train.create_train_state(config, FLAGS.vocab, tx)
+  step = functools.partial(train.train_step, config=config, tx=tx)
+  return config, init, jax.jit(step, donate_argnums=(0,))
+
+
+def _jaxrnn(cell: str, data: Data, impl: str | None = None) -> Fns:
+  """jaxrnn's own train_step, eval_step and sample.generate."""
+  x, y = map(jnp.asarray, data["train"])
+  config, init, step = _train_step(cell, impl)
+  evaluate = jax.jit(functools.partial(train.eval_step, config=config))
+  lanes = dict(zip(("inputs", "targets"), map(jnp.asarray, data["eval"])))
+  lanes["mask"] = jnp.ones(lanes["inputs"].shape, jnp.float32)
+  state = [init()]
+  zeros = model.initial_carry(config.model, x.shape[0])
+  carry = [model.initial_carry(config.model, _LANES)]
+
+  def train_fn():
+    state[0] = jax.block_until_ready(step(state[0], {"inputs": x, "targets": y}, zeros)[0])
+    return x.size
+
+  def eval_fn():
+    carry[0], nll, _ = evaluate(state[0].params, lanes, carry[0])
+    nll.block_until_ready()
+    return lanes["inputs"].size
+
+  def sample_fn():
+    sample.generate(state[0].params, config.model, jnp.asarray(data["prefix"]), _LENGTH,
+                    num_samples=_SAMPLES, temperature=1.0).block_until_ready()
+    return _SAMPLES * _LENGTH
+
+  return {"train": train_fn, "eval": eval_fn, "sample": sample_fn}
+
+
+def _torch(cell: str, data: Data) -> Fns:
+  """nn.Embedding + nn.RNN/GRU/LSTM + nn.Linear; eager training, a char-rnn style sampler."""
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+  dev = torch.device("cuda" if gpu else "cpu")
+  sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+  embed = torch.nn.Embedding(FLAGS.vocab, FLAGS.embed)
+  rnn = getattr(torch.nn, _CELLS[cell][1])(FLAGS.embed, FLAGS.hidden, num_layers=FLAGS.layers,
+                                           batch_first=True)
+  head = torch.nn.Linear(FLAGS.hidden, FLAGS.vocab)
+  net = torch.nn.ModuleList([embed, rnn, head]).to(dev)
+  opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+  x, y, ex, _ = (torch.from_numpy(a).long().to(dev) for a in (*data["train"], *data["eval"]))
+  prefix = torch.from_numpy(data["prefix"]).long().to(dev).expand(_SAMPLES, -1)
+  carry = [None]
+
+  def forward(tokens, state=None):
+    ys, state = rnn(embed(tokens), state)
+    return head(ys), state
+
+  def train_fn():
+    opt.zero_grad(set_to_none=True)
+    logits, _ = forward(x)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, FLAGS.vocab), y.reshape(-1)).backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    sync()
+    return x.numel()
+
+  @torch.no_grad()
+  def eval_fn():
+    _, carry[0] = forward(ex, carry[0])
+    sync()
+    return ex.numel()
+
+  @torch.no_grad()
+  def sample_fn():
+    state = None
+    for i in range(prefix.shape[1]):
+      logits, state = forward(prefix[:, i:i + 1], state)
+    for _ in range(_LENGTH):
+      logits, state = forward(torch.multinomial(torch.softmax(logits[:, -1], dim=-1), 1), state)
+    sync()
+    return _SAMPLES * _LENGTH
+
+  return {"train": train_fn, "eval": eval_fn, "sample": sample_fn}
+
+
+def _flax(cell: str, data: Data) -> Fns:
+  """flax.linen nn.RNN over stacked cells between an Embed and a Dense head; jitted optax step."""
+  import flax.linen as nn
+  import optax
+  cell_cls = getattr(nn, _CELLS[cell][2])
+
+  class LM(nn.Module):
+    @nn.compact
+    def __call__(self, tokens, carries):
+      xs, new = nn.Embed(FLAGS.vocab, FLAGS.embed)(tokens), []
+      for c in carries:
+        c, xs = nn.RNN(cell_cls(FLAGS.hidden), return_carry=True)(xs, initial_carry=c)
+        new.append(c)
+      return new, nn.Dense(FLAGS.vocab)(xs)
+
+  zeros = lambda rows: [cell_cls(FLAGS.hidden, parent=None).initialize_carry(
+      jax.random.key(0), (rows, 1))] * FLAGS.layers
+  lm, tx = LM(), train.make_optimizer(_config(cell, None).train)
+  x, y, ex, _ = map(jnp.asarray, (*data["train"], *data["eval"]))
+  train_zeros, carry = zeros(x.shape[0]), [zeros(ex.shape[0])]
+  params = lm.init(jax.random.key(0), x, train_zeros)
+  state, forward = [(params, tx.init(params))], jax.jit(lm.apply)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, x, y, carries):
+    params, opt_state = state
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        lm.apply(p, x, carries)[1], y).mean()
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def train_fn():
+    state[0] = jax.block_until_ready(step(state[0], x, y, train_zeros))
+    return x.size
+
+  def eval_fn():
+    carry[0], logits = forward(state[0][0], ex, carry[0])
+    logits.block_until_ready()
+    return ex.size
+
+  return {"train": train_fn, "eval": eval_fn}
+
+
+_PEERS = {"torch": _torch, "flax": _flax}
+
+
+def _timed(fns: dict[str, Callable[[], int]], calls: int, warmup: int, unit: str,
+           flops_per_unit: float = 0.0) -> dict[str, dict[str, Any]]:
+  """`warmup` calls of each, then interleaved rounds of `calls`: median units/s, ratio, GFLOP/s."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  rounds = {name: [] for name in fns}
+  for _ in range(FLAGS.rounds):
+    for name, fn in fns.items():
+      tick = time.perf_counter()
+      units = sum(fn() for _ in range(calls))
+      rounds[name].append(units / (time.perf_counter() - tick))
+  first = statistics.median(next(iter(rounds.values())))
+  return {name: {"median": statistics.median(r), "unit": unit, "rounds": r,
+                 "ratio": first / statistics.median(r),
+                 "gflops": statistics.median(r) * flops_per_unit / 1e9 if flops_per_unit else None}
+          for name, r in rounds.items()}
+
+
+def _forward_flops_per_token(cell: str) -> float:
+  """Matrix-product FLOPs of one token's forward pass: each layer's two products, then the head."""
+  g, h = _CELLS[cell][0], FLAGS.hidden
+  layers = sum(2 * ((FLAGS.embed if i == 0 else h) + h) * g * h for i in range(FLAGS.layers))
+  return layers + 2 * h * FLAGS.vocab
+
+
+def _memory_mib(cell: str, seq: int, impl: str | None) -> float | None:
+  """Compiled temp + argument + output MiB of the jaxrnn training step (compiled, never run)."""
+  config, init, step = _train_step(cell, impl)
+  state = jax.eval_shape(init)
+  carry = jax.eval_shape(lambda: model.initial_carry(config.model, FLAGS.batch))
+  tokens = jax.ShapeDtypeStruct((FLAGS.batch, seq), jnp.int32)
+  stats = step.lower(state, {"inputs": tokens, "targets": tokens}, carry).compile()
+  stats = stats.memory_analysis()
+  fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+  if stats is None or not all(hasattr(stats, f) for f in fields):
+    return None
+  aliased = getattr(stats, "alias_size_in_bytes", 0)  # the donated state: argument and output
+  return (sum(getattr(stats, f) for f in fields) - aliased) / 2**20
+
+
+def _field(text: str, name: str) -> str | None:
+  found = re.search(rf"^{re.escape(name)}\s*:\s*(.+)$", text, re.MULTILINE)
+  return found.group(1).strip() if found else None
+
+
+def _machine() -> tuple[dict[str, Any], dict[str, Any]]:
+  """(what it runs on, fp32 peak GFLOP/s with how it was computed)."""
+  lscpu = (subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+           if shutil.which("lscpu") else "")
+  cpuinfo = pathlib.Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+  cores = int(_field(lscpu, "Core(s) per socket") or 0) * int(_field(lscpu, "Socket(s)") or 0)
+  cores = cores or os.cpu_count()
+  dev = jax.devices()[0]
+  name = _field(lscpu, "Model name") or _field(cpuinfo, "model name")
+  machine = {"device": dev.device_kind if dev.platform != "cpu" else name,
+             "platform": dev.platform, "cores": cores,
+             **{p: importlib.util.find_spec(p) and importlib.metadata.version(p)
+                for p in ("jax", "torch", "flax")}}
+  mhz, source = _field(lscpu, "CPU max MHz"), "lscpu CPU max MHz"
+  if mhz is None:
+    mhz, source = _field(cpuinfo, "cpu MHz"), "/proc/cpuinfo cpu MHz"
+  cpu_flags = set((_field(cpuinfo, "flags") or "").split())
+  # Two FMA pipes x vector lanes x 2. AMD's Zen 4 runs 512-bit FMAs as two 256-bit halves.
+  amd = "AuthenticAMD" in cpuinfo
+  per_cycle, isa = ((64, "avx512f") if "avx512f" in cpu_flags and not amd else
+                    (32, "avx2+fma, or avx512f on AMD") if {"avx2", "fma"} <= cpu_flags
+                    else (None, None))
+  if dev.platform != "cpu" or mhz is None or per_cycle is None:
+    return machine, {"gflops": None, "how": "n/a"}
+  ghz = float(mhz) / 1e3
+  how = f"{cores} cores x {ghz:.3f} GHz ({source}) x {per_cycle} FLOPs/cycle ({isa})"
+  return machine, {"gflops": cores * ghz * per_cycle, "how": how}
+
+
+def _print(out: dict[str, Any]) -> None:
+  """The machine, the peak, then one row per implementation per measure."""
+  m, peak = out["machine"], out["peak"]["gflops"]
+  print(f"machine: {m['device']}, {m['cores']} cores, {m['platform']} | jax {m['jax']}, "
+        f"torch {m['torch']}, flax {m['flax']}")
+  print(f"peak: {peak:.1f} GFLOP/s fp32 = {out['peak']['how']}" if peak else "peak: n/a")
+  print(f"{'cell':5} {'measure':12} {'impl':16} {'median':>12} {'unit':6} {'jaxrnn/x':>8} "
+        f"{'GFLOP/s':>8} %peak")
+  rows = [(cell, measure, impl, r) for cell, measures in out["results"].items()
+          for measure, by_impl in measures.items() for impl, r in by_impl.items()]
+  rows += [("lstm", f"train@{t}", impl, r) for impl, by_seq in out["seq_sweep"].items()
+           for t, r in by_seq.items()]
+  rows += [("lstm", f"memory@{t}", impl, {"median": mib, "unit": "MiB"})
+           for impl, by_seq in out["memory_mib"].items() for t, mib in by_seq.items()]
+  for cell, measure, impl, r in rows:
+    ratio = f"{r['ratio']:8.2f}" if "ratio" in r else " " * 8
+    flops = f"{r['gflops']:8.2f}" if r.get("gflops") else ""
+    flops += f" {100 * r['gflops'] / peak:5.1f}" if r.get("gflops") and peak else ""
+    median = "n/a" if r["median"] is None else f"{r['median']:,.1f}"
+    print(f"{cell:5} {measure:12} {impl:16} {median:>12} {r['unit']:6} {ratio} {flops}".rstrip())
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name, value in _QUICK.items() if FLAGS.quick else ():
+    if not FLAGS[name].present:
+      FLAGS[name].value = value
+  jax.config.update("jax_platforms", {"gpu": "cuda"}.get(FLAGS.device, FLAGS.device))
+  peers = [p for p in _split(FLAGS.peers) if p in _PEERS and importlib.util.find_spec(p)]
+  for name in set(_split(FLAGS.peers)) - set(peers):
+    print(f"note: skipping peer {name!r}: unknown or not importable", file=sys.stderr)
+  impls = _split(FLAGS.impls)
+  if impls and "impl" not in default.get_config().model:
+    print("note: configs/default.py has no model.impl; --impls ignored", file=sys.stderr)
+    impls = []
+  rows = {f"jaxrnn[{i}]": i for i in impls} or {"jaxrnn": None}
+  data = {"train": _tokens(FLAGS.batch, FLAGS.seq), "eval": _tokens(_LANES, _CHUNK),
+          "prefix": _tokens(1, _PREFIX)[0][0]}
+  machine, peak = _machine()
+  results, sweep = {}, {}
+  try:
+    for cell in _split(FLAGS.cells):
+      fns = {row: _jaxrnn(cell, data, impl) for row, impl in rows.items()}
+      fns.update({name: _PEERS[name](cell, data) for name in peers})
+      per_token = _forward_flops_per_token(cell)
+      pick = lambda measure: {name: f[measure] for name, f in fns.items() if measure in f}
+      results[cell] = {
+          "train": _timed(pick("train"), FLAGS.steps, FLAGS.warmup, "tok/s", 3 * per_token),
+          "eval": _timed(pick("eval"), FLAGS.steps, FLAGS.warmup, "tok/s", per_token),
+          "sample": _timed(pick("sample"), 1, 1, "char/s")}
+    memory = {row: {str(t): _memory_mib("lstm", t, impl) for t in _MEMORY_SEQS}
+              for row, impl in rows.items()}
+    for row, impl in rows.items() if _split(FLAGS.seq_sweep) else ():
+      fns = {t: _jaxrnn("lstm", {**data, "train": _tokens(FLAGS.batch, int(t))}, impl)["train"]
+             for t in _split(FLAGS.seq_sweep)}
+      sweep[row] = _timed(fns, FLAGS.steps, FLAGS.warmup, "tok/s",
+                          3 * _forward_flops_per_token("lstm"))
+      for r in sweep[row].values():
+        del r["ratio"]  # one seq over another is no comparison of implementations
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  used = (*_QUICK, "layers", "vocab", "cells", "peers", "impls", "device")
+  out = {"machine": machine, "peak": peak, "results": results, "seq_sweep": sweep,
+         "memory_mib": memory, "flags": {k: FLAGS[k].value for k in used}}
+  _print(out)
+  pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
