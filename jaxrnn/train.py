@@ -157,18 +157,22 @@ def check_config(config: Config) -> None:
 class _Log:
   """metrics.jsonl rows, plus progress on stderr (a bar on a terminal, plain lines otherwise).
 
-  On resume, rows past the restored step (written after the last checkpoint) are dropped,
+  Every row carries `elapsed_s`, the run's wall time (summed over resumed sessions). On
+  resume, rows past the restored step (written after the last checkpoint) are dropped,
   since those steps run again. Only the main process of a multi-host run writes.
   """
 
   def __init__(self, workdir: pathlib.Path, steps: int, resumed_at: int = 0, enabled: bool = True):
     self.enabled, self.file, self.bar = enabled, None, None
+    self.start, self.elapsed_before = time.perf_counter(), 0.0
     if not enabled:
       return
     path = workdir / "metrics.jsonl"
     if path.exists():
-      kept = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= resumed_at]
-      path.write_text("".join(r + "\n" for r in kept))
+      kept = [json.loads(r) for r in path.read_text().splitlines()]
+      kept = [r for r in kept if r["step"] <= resumed_at]
+      path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      self.elapsed_before = max((r.get("elapsed_s", 0.0) for r in kept), default=0.0)
     self.file = open(path, "a")
     if sys.stderr.isatty():
       import tqdm  # the usual progress bar; only on an interactive terminal
@@ -181,6 +185,7 @@ class _Log:
   def write(self, row: dict[str, Any]) -> None:
     if not self.enabled:
       return
+    row = {**row, "elapsed_s": round(self.elapsed_before + time.perf_counter() - self.start, 3)}
     self.file.write(json.dumps(row) + "\n")
     self.file.flush()
     if row["split"] == "train" and self.bar is not None:

@@ -84,3 +84,17 @@ def test_sample_prints_only_the_texts(corpus, tmp_path):
   assert "step 12" in greedy.stderr
   seeded = [run_script("sample.py", *args, f"--seed={s}").stdout for s in (0, 0, 1)]
   assert seeded[0] == seeded[1] != seeded[2]
+
+
+def test_plot_draws_two_runs_and_refuses_an_empty_workdir(corpus, tmp_path):
+  """plot.py: a real PNG for two tiny runs; a workdir without metrics is a clear error."""
+  runs = [tmp_path / "a", tmp_path / "b"]
+  for run in runs:
+    assert run_script("train.py", *tiny_flags(corpus, run)).returncode == 0
+  png = tmp_path / "curves.png"
+  proc = run_script("plot.py", f"--workdir={runs[0]}", str(runs[1]), f"--out={png}")
+  assert proc.returncode == 0, proc.stderr
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+  (tmp_path / "empty").mkdir()
+  bad = run_script("plot.py", f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'x.png'}")
+  assert bad.returncode == 2 and "no metrics" in bad.stderr and "Traceback" not in bad.stderr
