@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.0  # on embeddings, between layers and before the head (train only)
   config.model.unroll = 1  # lax.scan unroll factor
   config.model.impl = "fused"  # "fused": custom-VJP recurrence (faster); "scan": plain autodiff
+  config.model.compute_dtype = "float32"  # matrix-product operands: float32 or bfloat16
   config.model.nonlinearity = "tanh"  # rnn cell only: tanh or relu
   config.model.forget_bias = 0.0  # lstm cell only: added to the forget-gate bias at init
 

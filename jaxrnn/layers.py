@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrnn import UserError
-from jaxrnn.cells import Carry, Cell, Params, hidden
+from jaxrnn.cells import Carry, Cell, Params, hidden, matmul
 
 
 IMPLS = ("fused", "scan")
@@ -33,7 +33,7 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *,
   gx = cell.project(params, jnp.swapaxes(xs, 0, 1))  # [t, b, g]: one product for all steps
   if impl == "fused" and cell.core is not None and reset is None:
     core_params = {k: v for k, v in params.items() if k not in ("w_ih", "w_hh", "b")}
-    carry, ys = _fused(cell.core, unroll, params["w_hh"], core_params, carry, gx)
+    carry, ys = _fused(cell.core, cell.dtype, unroll, params["w_hh"], core_params, carry, gx)
   elif reset is None:
     carry, ys = jax.lax.scan(lambda c, g: cell.recur(params, c, g), carry, gx, unroll=unroll)
   else:
@@ -45,28 +45,28 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *,
   return carry, jnp.swapaxes(ys, 0, 1)
 
 
-def _fused_forward(core, unroll, w_hh, core_params, carry, gx):
+def _fused_forward(core, dtype, unroll, w_hh, core_params, carry, gx):
   """Forward scan; also returns the residuals: each step's input carry and product gh."""
   def body(c, g):
-    gh = hidden(c) @ w_hh
+    gh = matmul(hidden(c), w_hh, dtype)
     new, y = core(core_params, c, g, gh)
     return new, (y, c, gh)
   carry, (ys, carries, ghs) = jax.lax.scan(body, carry, gx, unroll=unroll)
   return (carry, ys), (carries, ghs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused(core, unroll, w_hh, core_params, carry, gx):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused(core, dtype, unroll, w_hh, core_params, carry, gx):
   """A `core` cell over gx<[t, b, g]> from `carry` -> (carry, ys<[t, b, h]>)."""
-  return _fused_forward(core, unroll, w_hh, core_params, carry, gx)[0]
+  return _fused_forward(core, dtype, unroll, w_hh, core_params, carry, gx)[0]
 
 
-def _fused_fwd(core, unroll, w_hh, core_params, carry, gx):
-  out, (carries, ghs) = _fused_forward(core, unroll, w_hh, core_params, carry, gx)
+def _fused_fwd(core, dtype, unroll, w_hh, core_params, carry, gx):
+  out, (carries, ghs) = _fused_forward(core, dtype, unroll, w_hh, core_params, carry, gx)
   return out, (w_hh, core_params, carries, gx, ghs)
 
 
-def _fused_bwd(core, unroll, residuals, cotangents):
+def _fused_bwd(core, dtype, unroll, residuals, cotangents):
   """Reverse scan with only d(h_prev) = d(gh) W_hh^T inside; dW_hh = H_prev^T dGH in one product."""
   w_hh, core_params, carries, gx, ghs = residuals
   d_carry, d_ys = cotangents
@@ -77,14 +77,15 @@ def _fused_bwd(core, unroll, residuals, cotangents):
     carry, g, gh, d_y = inputs
     _, vjp = jax.vjp(lambda p, c, g_, gh_: core(p, c, g_, gh_), core_params, carry, g, gh)
     dp, d_prev, d_g, d_gh = vjp((d_carry, d_y))
-    d_prev = _add_to_hidden(d_prev, d_gh @ w_hh_t)
+    d_prev = _add_to_hidden(d_prev, matmul(d_gh, w_hh_t, dtype))
     return (d_prev, jax.tree.map(jnp.add, d_core, dp)), (d_g, d_gh)
 
   zero_core = jax.tree.map(jnp.zeros_like, core_params)
   (d_carry0, d_core), (d_gx, d_ghs) = jax.lax.scan(
       body, (d_carry, zero_core), (carries, gx, ghs, d_ys), reverse=True, unroll=unroll)
   h_prev = hidden(carries)  # [t, b, h]
-  d_w_hh = h_prev.reshape(-1, h_prev.shape[-1]).T @ d_ghs.reshape(-1, d_ghs.shape[-1])
+  d_w_hh = matmul(h_prev.reshape(-1, h_prev.shape[-1]).T, d_ghs.reshape(-1, d_ghs.shape[-1]),
+                  dtype)
   return d_w_hh, d_core, d_carry0, d_gx
 
 

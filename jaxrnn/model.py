@@ -67,7 +67,8 @@ def apply(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *, conf
                               dropout_rate=config.dropout, rng=k_stack, reset=reset,
                               unroll=config.unroll, impl=config.get("impl", "fused"))
   y = layers.dropout(y, config.dropout, k_out)
-  return carry, y @ params["head"]["w"] + params["head"]["b"]
+  dtype = cells.DTYPES[config.get("compute_dtype", "float32")]
+  return carry, cells.matmul(y, params["head"]["w"], dtype) + params["head"]["b"]
 
 
 def num_params(params: Any) -> int:

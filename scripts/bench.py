@@ -45,6 +45,8 @@ flags.DEFINE_string("device", "cpu", "JAX platform: cpu, gpu (CUDA) or tpu; torc
 flags.DEFINE_bool("quick", False, "Tiny sizes for the test suite; flags given explicitly win.")
 flags.DEFINE_string("out", "bench.json", "Where to write the results as JSON.")
 flags.DEFINE_string("impls", "", "Comma list of config.model.impl values; '': the default.")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "jaxrnn's matrix-product operands (config.model.compute_dtype).")
 FLAGS = flags.FLAGS
 
 _QUICK = {"hidden": 32, "embed": 16, "batch": 4, "seq": 8, "steps": 2, "rounds": 2, "warmup": 1,
@@ -72,8 +74,9 @@ def _config(cell: str, impl: str | None) -> Any:
   """configs/default.py with the benchmark's model, batch and optimizer."""
   config = default.get_config()
   config.model.update(cell=cell, num_layers=FLAGS.layers, hidden_size=FLAGS.hidden,
-                      embed_dim=FLAGS.embed, one_hot=False, dropout=0.0)
-  if impl and "impl" in config.model:
+                      embed_dim=FLAGS.embed, one_hot=False, dropout=0.0,
+                      compute_dtype=FLAGS.compute_dtype)
+  if impl:
     config.model.impl = impl
   config.data.update(batch_size=FLAGS.batch, seq_len=FLAGS.seq)
   config.train.update(optimizer="adam", lr=3e-3, clip_norm=1.0, schedule="constant",
