@@ -1,0 +1,20 @@
+"""Sentence polarity (rt-polarity) with a bidirectional 1 x 128 LSTM over word embeddings.
+
+  python scripts/train.py --config configs/classify_rt.py --workdir runs/rt_bilstm
+  python scripts/eval.py --workdir runs/rt_bilstm --split test --step best
+
+Hyperparameters are provisional until tuned on the validation split.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.task = "classify"
+  config.model.update(cell="lstm", bidirectional=True, hidden_size=128, embed_dim=128,
+                      pooling="mean", dropout=0.5)
+  config.data.update(corpus="rt-polarity", batch_size=64, seq_len=64, max_vocab=10000)
+  config.train.update(steps=1000, lr=1e-3, eval_every=100, ckpt_every=100, log_every=20,
+                      eval_lanes=256)
+  return config
