@@ -13,8 +13,8 @@ def get_config():
   config = default.get_config()
   config.task = "classify"
   config.model.update(cell="lstm", bidirectional=True, hidden_size=128, embed_dim=128,
-                      pooling="mean", dropout=0.5)
+                      embed_scale=0.1, pooling="last", dropout=0.5)
   config.data.update(corpus="rt-polarity", batch_size=64, seq_len=64, max_vocab=10000)
-  config.train.update(steps=1000, lr=1e-3, eval_every=100, ckpt_every=100, log_every=20,
-                      eval_lanes=256)
+  config.train.update(steps=400, lr=3e-3, schedule="cosine", eval_every=50, ckpt_every=50,
+                      log_every=10, eval_lanes=256)
   return config

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.hidden_size = 256  # h, per layer
   config.model.num_layers = 1  # stacked cells
   config.model.embed_dim = 64  # e, width of the token embedding
+  config.model.embed_scale = 1.0  # std of the normal embedding init (1 as torch.nn.Embedding)
   config.model.one_hot = False  # feed one-hot tokens instead of an embedding (embed_dim unused)
   config.model.dropout = 0.0  # on embeddings, between layers and before the head (train only)
   config.model.unroll = 1  # lax.scan unroll factor

@@ -29,7 +29,8 @@ def _init(key: jax.Array, config: Config, vocab_size: int, head_size: int) -> di
   """embedding<v, e> (unless one-hot), layers, head<h', head_size>.
 
   One params dict per layer, or a {'fwd', 'bwd'} pair of them if bidirectional; h' is h per
-  direction; the head is U(-1/sqrt(h'), 1/sqrt(h')) as torch.nn.Linear.
+  direction. The embedding is N(0, embed_scale^2); the head U(-1/sqrt(h'), 1/sqrt(h')) as
+  torch.nn.Linear.
   """
   if config.num_layers < 1 or config.hidden_size < 1:
     raise UserError("model.num_layers and model.hidden_size must be >= 1")
@@ -53,7 +54,8 @@ def _init(key: jax.Array, config: Config, vocab_size: int, head_size: int) -> di
                "b": jax.random.uniform(k_head_b, (head_size,), jnp.float32, -bound, bound)},
   }
   if not config.one_hot:
-    params["embed"] = jax.random.normal(k_embed, (vocab_size, config.embed_dim), jnp.float32)
+    params["embed"] = config.get("embed_scale", 1.0) * jax.random.normal(
+        k_embed, (vocab_size, config.embed_dim), jnp.float32)
   return params
 
 

@@ -111,7 +111,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
   """One optimizer step on a batch of the config's task; the carry enters as a constant.
 
   Returns the new state, the final carry (for the next batch of the same lanes) and metrics:
-  mean loss (nats/token), gradient global norm before clipping, learning rate. Under
+  mean loss (nats per token or per sentence), gradient global norm before clipping, learning rate. Under
   `parallel.pmap` with `across_devices`, gradients and loss are averaged over devices, and each
   row's dropout key comes from its global row index, so any device count gives the same step.
   """
@@ -448,19 +448,22 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "lm": Task(model.init, model.initial_carry, _lm_loss, _prepare_text,
-               lambda ids, config, position: data.train_batches(ids, config.data, config.train.seed,
-                                                                position),
-               make_lm_evaluator, ("val", "test"), _lm_summary, lambda ids: len(ids) - 1, "tokens"),
-    # No state crosses batches: the carry is empty. The test split is left for eval.py, so it
-    # is read only when a figure is reported.
-    "classify": Task(model.init_classifier, lambda config, b: (), _classify_loss,
-                     _prepare_sentences,
-                     lambda split, config, position: data.SentenceBatches(
-                         split, config.data.batch_size, config.train.seed, position),
-                     make_classify_evaluator, ("val",),
-                     lambda split, row: {f"{split}_{k}": v for k, v in row.items()},
-                     lambda split: len(split["targets"]), "sentences"),
+    "lm": Task(
+        init=model.init, initial_carry=model.initial_carry, loss=_lm_loss,
+        prepare_data=_prepare_text,
+        train_batches=lambda ids, config, position: data.train_batches(
+            ids, config.data, config.train.seed, position),
+        make_evaluator=make_lm_evaluator, final_splits=("val", "test"), summary=_lm_summary,
+        size=lambda ids: len(ids) - 1, unit="tokens"),
+    "classify": Task(
+        init=model.init_classifier, initial_carry=lambda config, b: (),  # nothing crosses batches
+        loss=_classify_loss, prepare_data=_prepare_sentences,
+        train_batches=lambda split, config, position: data.SentenceBatches(
+            split, config.data.batch_size, config.train.seed, position),
+        # The test split is left to eval.py, so it is read once per reported figure.
+        make_evaluator=make_classify_evaluator, final_splits=("val",),
+        summary=lambda split, row: {f"{split}_{k}": v for k, v in row.items()},
+        size=lambda split: len(split["targets"]), unit="sentences"),
 }
 
 

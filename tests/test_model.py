@@ -129,7 +129,8 @@ def test_unknown_cell_in_config_lists_cells():
 
 def test_lm_refuses_bidirectional():
   """A bidirectional language model is refused with a message that it would see the future."""
-  with pytest.raises(UserError, match="bidirectional=True would let the language model see the future.*set it to False"):
+  with pytest.raises(UserError, match="bidirectional=True would let the language model see the "
+                                      "future.*set it to False"):
     model.init(jax.random.key(0), _config(bidirectional=True), V)
 
 
@@ -210,3 +211,12 @@ def test_classifier_refuses_bad_fields():
                            ({"pooling": "max"}, "pooling")]:
     with pytest.raises(UserError, match=field):
       model.init_classifier(jax.random.key(0), _config(**overrides), V)
+
+
+def test_embed_scale_scales_only_the_embedding():
+  """embed_scale multiplies the N(0, 1) embedding draw; every other parameter stays the same."""
+  base = model.init_classifier(jax.random.key(4), _config(), V)
+  scaled = model.init_classifier(jax.random.key(4), _config(embed_scale=0.1), V)
+  np.testing.assert_allclose(scaled["embed"], 0.1 * base["embed"], rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, scaled["layers"], base["layers"])
+  np.testing.assert_array_equal(scaled["head"]["w"], base["head"]["w"])
