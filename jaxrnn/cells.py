@@ -1,4 +1,4 @@
-"""Recurrent cells as pure functions, with the PyTorch equations and gate order.
+"""Recurrent cells as pure functions; rnn, gru and lstm with PyTorch's equations and gate order.
 
 Shape legend (used across jaxrnn): b batch, t time, d input, h hidden, v vocabulary,
 g gates * h (the width of a cell's stacked gate pre-activations).
@@ -6,9 +6,12 @@ g gates * h (the width of a cell's stacked gate pre-activations).
 A cell is a record of pure functions:
   init(key, d, h) -> params            weights as in PyTorch, transposed to (in, out)
   initial_carry(b, h) -> carry          zeros
-  project(params, x[..., d]) -> gx[..., g]   input-side product plus biases (any leading shape)
+  project(params, x[..., d]) -> gx[..., g]   the part of a step that reads x alone (any leading shape)
   recur(params, carry, gx[b, g]) -> (carry, y[b, h])   the rest of one step
   step = recur . project
+  log_linear(gx[..., g]) -> (log a, log b)[..., h]    optional: for cells whose step is
+      h' = a * h + b with a, b from the input alone (mingru, minlstm), so that `layers.run`
+      can compose the steps with a parallel scan
 
 Splitting `project` from `recur` lets `layers.run` do the input product for all time steps
 as one matrix product outside the scan. Biases that PyTorch keeps twice (`bias_ih + bias_hh`)
@@ -43,6 +46,7 @@ class Cell:
   # (core(params, carry, gx, gh)), which lets `layers.run` take gradients of w_hh outside the loop.
   core: Callable[[Params, Carry, jax.Array, jax.Array], tuple[Carry, jax.Array]] | None = None
   dtype: Any = jnp.float32  # operand dtype of the matrix products (see `matmul`)
+  log_linear: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
 
   def step(self, params: Params, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]:
     """One time step: x<float>[b, d] -> (carry, y<float>[b, h])."""
@@ -63,6 +67,12 @@ def _init_gated(key: jax.Array, d: int, h: int, gates: int) -> Params:
       "w_hh": _uniform(k_hh, (h, gates * h), h),
       "b": _uniform(k_b, (gates * h,), h),
   }
+
+
+def _init_input(key: jax.Array, d: int, h: int, gates: int) -> Params:
+  """w_ih<d, g>, b<g>, U(-1/sqrt(h), 1/sqrt(h)): the weights of gates that read the input alone."""
+  k_ih, k_b = jax.random.split(key)
+  return {"w_ih": _uniform(k_ih, (d, gates * h), h), "b": _uniform(k_b, (gates * h,), h)}
 
 
 def _zeros(b: int, h: int) -> jax.Array:
@@ -87,6 +97,10 @@ def _dtype(compute_dtype: str) -> Any:
   if compute_dtype not in DTYPES:
     raise UserError(f"model.compute_dtype must be one of {', '.join(DTYPES)}, got {compute_dtype!r}")
   return DTYPES[compute_dtype]
+
+
+def _project(params: Params, x: jax.Array) -> jax.Array:
+  return x @ params["w_ih"] + params["b"]
 
 
 def hidden(carry: Carry) -> jax.Array:
@@ -162,10 +176,119 @@ def lstm(forget_bias: float = 0.0, compute_dtype: str = "float32") -> Cell:
   return _gated("lstm", init, initial_carry, core, compute_dtype)
 
 
+def _layer_norm(x: jax.Array, gain: jax.Array, bias: jax.Array | float = 0.0) -> jax.Array:
+  """Normalises x[..., n] over its last axis (eps 1e-5), then scales by gain<n> and adds bias."""
+  centred = x - x.mean(axis=-1, keepdims=True)
+  return centred * jax.lax.rsqrt((centred ** 2).mean(axis=-1, keepdims=True) + 1e-5) * gain + bias
+
+
+def lnlstm(forget_bias: float = 0.0) -> Cell:
+  """Layer-normalised LSTM (Ba et al. 2016, eqs. 20-22), gate order (i, f, g, o) as `lstm`.
+
+  gates = LN(x W_ih) + LN(h W_hh) + b, each LN over all four gates; c' = f * c + i * g;
+  h' = o * tanh(LN(c')). The gains start at 1, the cell norm's bias at 0; the two gate norms'
+  biases would only add to b, so there are none.
+  """
+  base = lstm(forget_bias)
+
+  def init(key, d, h):
+    return {**base.init(key, d, h), "ln_ih_gain": jnp.ones((4 * h,), jnp.float32),
+            "ln_hh_gain": jnp.ones((4 * h,), jnp.float32),
+            "ln_c_gain": jnp.ones((h,), jnp.float32), "ln_c_bias": jnp.zeros((h,), jnp.float32)}
+
+  def project(params, x):
+    return _layer_norm(x @ params["w_ih"], params["ln_ih_gain"]) + params["b"]
+
+  def recur(params, carry, gx):
+    h, c = carry
+    gates = gx + _layer_norm(h @ params["w_hh"], params["ln_hh_gain"])
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(_layer_norm(c, params["ln_c_gain"], params["ln_c_bias"]))
+    return (h, c), h
+
+  return Cell("lnlstm", init, base.initial_carry, project, recur)
+
+
+def _g(x: jax.Array) -> jax.Array:
+  """minGRU's positive activation: x + 0.5 for x >= 0, sigmoid(x) below (Feng et al., appendix)."""
+  return jnp.where(x >= 0, x + 0.5, jax.nn.sigmoid(x))
+
+
+def _log_g(x: jax.Array) -> jax.Array:
+  """log(_g(x)), computed without forming _g(x) for negative x."""
+  return jnp.where(x >= 0, jnp.log(jax.nn.relu(x) + 0.5), -jax.nn.softplus(-x))
+
+
+def mingru() -> Cell:
+  """minGRU (Feng et al. 2024): z = sigmoid(x W_z + b_z), h' = (1 - z) * h + z * g(x W_h + b_h).
+
+  The gates read x alone, so the step is linear in h; gx holds (z, h~) pre-activations.
+  """
+
+  def recur(params, h, gx):
+    del params
+    k_z, k_h = jnp.split(gx, 2, axis=-1)
+    z = jax.nn.sigmoid(k_z)
+    h = (1.0 - z) * h + z * _g(k_h)
+    return h, h
+
+  def log_linear(gx):
+    k_z, k_h = jnp.split(gx, 2, axis=-1)
+    return -jax.nn.softplus(k_z), -jax.nn.softplus(-k_z) + _log_g(k_h)  # log(1 - z), log(z g)
+
+  return Cell("mingru", lambda key, d, h: _init_input(key, d, h, 2), _zeros, _project, recur,
+              log_linear=log_linear)
+
+
+def minlstm() -> Cell:
+  """minLSTM (Feng et al. 2024): h' = (f * h + i * g(x W_h + b_h)) / (f + i), f and i sigmoids of x.
+
+  The gates read x alone, so the step is linear in h; gx holds (f, i, h~) pre-activations.
+  """
+
+  def recur(params, h, gx):
+    del params
+    k_f, k_i, k_h = jnp.split(gx, 3, axis=-1)
+    f, i = jax.nn.sigmoid(k_f), jax.nn.sigmoid(k_i)
+    h = (f * h + i * _g(k_h)) / (f + i)
+    return h, h
+
+  def log_linear(gx):
+    k_f, k_i, k_h = jnp.split(gx, 3, axis=-1)
+    diff = jax.nn.softplus(-k_f) - jax.nn.softplus(-k_i)  # log i - log f
+    return -jax.nn.softplus(diff), -jax.nn.softplus(-diff) + _log_g(k_h)  # log f', log i' g
+
+  return Cell("minlstm", lambda key, d, h: _init_input(key, d, h, 3), _zeros, _project, recur,
+              log_linear=log_linear)
+
+
+def indrnn() -> Cell:
+  """IndRNN (Li et al. 2018): h' = relu(x W_ih + b + u * h), one recurrent weight per unit.
+
+  u starts U(0, 1), so each unit's memory decays at its own rate and the state cannot grow
+  without bound.
+  """
+
+  def init(key, d, h):
+    k, k_u = jax.random.split(key)
+    return {**_init_input(k, d, h, 1), "u": jax.random.uniform(k_u, (h,), jnp.float32)}
+
+  def recur(params, h, gx):
+    h = jax.nn.relu(gx + params["u"] * h)
+    return h, h
+
+  return Cell("indrnn", init, _zeros, _project, recur)
+
+
 _REGISTRY: dict[str, Callable[..., Cell]] = {
     "rnn": rnn,
     "gru": gru,
     "lstm": lstm,
+    "lnlstm": lnlstm,
+    "mingru": mingru,
+    "minlstm": minlstm,
+    "indrnn": indrnn,
 }
 
 

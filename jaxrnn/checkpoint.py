@@ -24,9 +24,9 @@ from jaxrnn import UserError, data
 
 # Config fields that change the shape of the params, the optimizer state or the carried state:
 # a resumed run must keep them.
-FROZEN_FIELDS = ("model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
-                 "model.one_hot", "data.corpus", "data.tokens", "data.batch_size",
-                 "train.optimizer")
+FROZEN_FIELDS = ("task", "model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
+                 "model.one_hot", "model.bidirectional", "model.num_classes", "data.corpus",
+                 "data.tokens", "data.batch_size", "train.optimizer")
 
 
 def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
@@ -121,10 +121,18 @@ def config_and_vocab(meta: dict[str, Any]) -> tuple[ml_collections.ConfigDict, d
 
 
 def check_compatible(saved: dict[str, Any], config: Any) -> None:
-  """Refuses to resume with a config that changes any of FROZEN_FIELDS, naming the field."""
+  """Refuses to resume with a config that changes any of FROZEN_FIELDS, naming the field.
+
+  A field the saved config lacks is newer than the checkpoint, whose run had its default.
+  """
   for field in FROZEN_FIELDS:
-    section, name = field.split(".")
-    before, now = saved[section].get(name), config[section][name]
+    *sections, name = field.split(".")
+    saved_part, part = saved, config
+    for section in sections:
+      saved_part, part = saved_part[section], part[section]
+    if name not in saved_part:
+      continue
+    before, now = saved_part[name], part[name]
     if before != now:
       raise UserError(f"{field} is {now!r} but the checkpoint in this workdir was trained with "
                       f"{before!r}; keep it, or use a new --workdir")

@@ -3,9 +3,11 @@
 A named corpus is looked for, file by file, in `$JAXRNN_DATA_DIR`, then in the cache
 (`$JAXRNN_CACHE_DIR`, default `~/.cache/jaxrnn`), then downloaded into the cache with its
 checksum checked and an atomic rename. `data.corpus` may also be a path to a UTF-8 text file.
+Labelled sentence corpora (one file per class, one sentence per line) feed the classifier.
 Token ids are int32; batches are batch-major <int>[b, t].
 """
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -24,8 +26,11 @@ from jaxrnn import UserError
 
 UNK = "<unk>"
 EOS = "<eos>"
+PAD = "<pad>"
 _PTB_URL = ("https://raw.githubusercontent.com/arthurdehgan/IFT6135_assignment_2/"
             "191820cabc95c8d8af11d0bf3679207dd3b97e08/data/")
+_RT_URL = ("https://raw.githubusercontent.com/dennybritz/cnn-text-classification-tf/"
+           "18762b459e21d9c70e5c242f8d43fc4e6db37a0d/data/rt-polaritydata/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +45,12 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  """A named corpus: one file split by fractions, or fixed train/valid/test files."""
+  """A named corpus: one file split by fractions, fixed train/valid/test files, or one file per class."""
   sources: tuple[Source, ...]
-  encoding: str = "utf-8"  # "utf-8", "bytes" (one token per byte) or "ptb_char"
+  encoding: str = "utf-8"  # "utf-8", "detect" (UTF-8, else cp1252), "bytes" or "ptb_char"
   tokens: str = "char"  # default vocabulary level: "char" or "word"
-  fractions: tuple[float, float] = (0.1, 0.0)  # (val, test) for single-file corpora
+  fractions: tuple[float, float] = (0.1, 0.0)  # (val, test) for single-file and sentence corpora
+  classes: tuple[str, ...] = ()  # sentence corpora: the label of each source, in order
 
 
 CORPORA: dict[str, Corpus] = {
@@ -79,6 +85,14 @@ CORPORA: dict[str, Corpus] = {
     "text8": Corpus((Source("text8", "http://mattmahoney.net/dc/text8.zip", None,
                             member="text8", size=100_000_000),),
                     fractions=(0.05, 0.05)),
+    # Pang & Lee's sentence polarity v1.0: 5,331 sentences per class. dennybritz's UTF-8 copy;
+    # the original release is cp1252, which "detect" reads as well.
+    "rt-polarity": Corpus((
+        Source("rt-polarity/rt-polarity.neg", _RT_URL + "rt-polarity.neg",
+               "2d11cfbc790f1cd96d78339f41ce53ced1efa83cd22d37d6788fa3fe3d17e2fd"),
+        Source("rt-polarity/rt-polarity.pos", _RT_URL + "rt-polarity.pos",
+               "4134882974a28d0c7b5151256f0e33a6169984ee7372c279e673f1114f475d58"),
+    ), encoding="detect", tokens="word", fractions=(0.1, 0.1), classes=("negative", "positive")),
 }
 
 
@@ -136,11 +150,25 @@ def locate(source: Source) -> pathlib.Path:
 
 
 def decode(raw: bytes, encoding: str = "utf-8", origin: str = "corpus") -> str:
-  """Corpus bytes -> text; `bytes` maps each byte to one character, `ptb_char` drops separators."""
+  """Corpus bytes -> text; `bytes` maps each byte to one character, `ptb_char` drops separators.
+
+  `detect`: strict UTF-8 when the bytes are valid UTF-8 (as text in other 8-bit encodings
+  almost never is), else Windows-1252.
+  """
   if not raw.strip():
     raise UserError(f"{origin} is empty; give a file with some text in it")
   if encoding == "bytes":
     return raw.decode("latin-1")
+  if encoding == "detect":
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError:
+      pass
+    try:
+      return raw.decode("cp1252")
+    except UnicodeDecodeError as e:
+      raise UserError(f"{origin} is neither UTF-8 nor Windows-1252 (byte {e.start} is "
+                      f"{raw[e.start:e.start + 1]!r}); convert it to UTF-8 first") from None
   if encoding == "ptb_char":  # one symbol per field: "c o n s u m e r s _ ..."
     if len(raw) % 2 or np.any(np.frombuffer(raw, np.uint8)[1::2] != ord(" ")):
       raise UserError(f"{origin} is not in PTB character format (each symbol followed by a space)")
@@ -168,6 +196,8 @@ def load_splits(config: Any) -> tuple[dict[str, str], str]:
   """({'train', 'val', 'test'} texts, vocabulary level) for `config.corpus` (a name or a path)."""
   name = config.corpus
   corpus = CORPORA.get(name)
+  if corpus is not None and corpus.classes:
+    raise UserError(f"corpus {name!r} is labelled sentences: use it with task=classify")
   if corpus is None:
     path = pathlib.Path(name).expanduser()
     if not path.is_file():
@@ -192,7 +222,8 @@ def _words(text: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Vocab:
-  """id <-> token. Char vocabularies are sorted code points then `<unk>`; word ones end in `<unk>`."""
+  """id <-> token. Char vocabularies are sorted code points then `<unk>`; word ones end in `<unk>`
+  (sentence vocabularies, from `word_vocab`, also start with `<pad>`)."""
   tokens: tuple[str, ...]
   level: str = "char"
 
@@ -342,3 +373,116 @@ def eval_chunks(ids: np.ndarray, lanes: int, chunk_len: int) -> Iterator[dict[st
   for start in range(0, padded, chunk_len):
     cols = slice(start, start + chunk_len)
     yield {"inputs": grid[0][:, cols], "targets": grid[1][:, cols], "mask": mask[:, cols]}
+
+
+def _fractions(corpus: Corpus, config: Any) -> tuple[float, float]:
+  """(val, test) fractions: the config's where set, else the corpus'."""
+  val_frac, test_frac = corpus.fractions
+  return (val_frac if config.val_frac is None else config.val_frac,
+          test_frac if config.test_frac is None else config.test_frac)
+
+
+Sentences = tuple[list[list[str]], np.ndarray]  # (sentences as word lists, labels<int32>[n])
+
+
+def load_sentences(config: Any) -> tuple[dict[str, Sentences], tuple[str, ...]]:
+  """({'train', 'val', 'test'}: (word lists, labels)), class names) of a labelled sentence corpus.
+
+  Each source file holds one class, one sentence per line, words separated by whitespace.
+  The split is a shuffle seeded by `config.split_seed`, then the test and validation
+  fractions are cut off its front: fixed for a given seed whatever the training seed.
+  """
+  corpus = CORPORA.get(config.corpus)
+  if corpus is None or not corpus.classes:
+    labelled = ", ".join(n for n, c in CORPORA.items() if c.classes)
+    raise UserError(f"task=classify needs a labelled sentence corpus ({labelled}), got "
+                    f"data.corpus={config.corpus!r}")
+  sentences, labels = [], []
+  for label, source in enumerate(corpus.sources):
+    path = locate(source)
+    text = decode(path.read_bytes(), corpus.encoding, str(path))
+    # '\n' only: str.splitlines() also breaks lines at U+0085, U+2028 and other characters.
+    lines = [words for line in text.split("\n") if (words := line.split())]
+    sentences += lines
+    labels += [label] * len(lines)
+  val_frac, test_frac = _fractions(corpus, config)
+  if not (0.0 <= val_frac < 1 and 0.0 <= test_frac < 1 and val_frac + test_frac < 1):
+    raise UserError(f"split fractions val={val_frac}, test={test_frac} must be in [0, 1) with "
+                    "val + test < 1")
+  n = len(sentences)
+  order = np.random.default_rng(config.split_seed).permutation(n)
+  n_test, n_val = round(n * test_frac), round(n * val_frac)
+  parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val],
+           "train": order[n_test + n_val:]}
+  labels = np.asarray(labels, np.int32)
+  return {k: ([sentences[i] for i in rows], labels[rows]) for k, rows in parts.items()}, corpus.classes
+
+
+def word_vocab(sentences: list[list[str]], max_size: int = 0) -> Vocab:
+  """`<pad>` (id 0), the most frequent words (ties in alphabetical order), `<unk>`: at most
+  `max_size` tokens in all; 0 keeps every word."""
+  if max_size and max_size < 3:
+    raise UserError(f"data.max_vocab must be 0 (no cap) or >= 3, got {max_size}")
+  counts = collections.Counter(w for words in sentences for w in words)
+  words = sorted(set(counts) - {PAD, UNK}, key=lambda w: (-counts[w], w))
+  return Vocab((PAD, *words[:max_size - 2 if max_size else None], UNK), "word")
+
+
+def encode_sentences(split: Sentences, vocab: Vocab, seq_len: int) -> dict[str, np.ndarray]:
+  """{inputs<int32>[n, t], lengths<int32>[n], targets<int32>[n]} with t = seq_len.
+
+  Each sentence's first t word ids, then `<pad>` (id 0); unknown words are `<unk>`.
+  """
+  _check_shape(1, seq_len)
+  sentences, labels = split
+  inputs = np.zeros((len(sentences), seq_len), np.int32)
+  lengths = np.zeros(len(sentences), np.int32)
+  for row, words in enumerate(sentences):
+    ids = [vocab._index.get(w, vocab.unk_id) for w in words[:seq_len]]
+    inputs[row, :len(ids)] = ids
+    lengths[row] = len(ids)
+  return {"inputs": inputs, "lengths": lengths, "targets": np.asarray(labels, np.int32)}
+
+
+class SentenceBatches:
+  """Shuffled batches of b encoded sentences (`encode_sentences`), each from a zero state.
+
+  Epoch e reads the sentences in the order `np.random.default_rng([seed, e]).permutation(n)`,
+  leaving its last n mod b out, so `position` (batches drawn) is the whole resumable state.
+  `reset` is always True: nothing is carried from one batch to the next.
+  """
+
+  def __init__(self, split: dict[str, np.ndarray], batch_size: int, seed: int, position: int = 0):
+    _check_shape(batch_size, 1)
+    n = len(split["targets"])
+    if n < batch_size:
+      raise UserError(f"the training split has {n} sentences, fewer than data.batch_size "
+                      f"({batch_size}): lower data.batch_size")
+    self.split, self.batch_size, self.seed, self.position = split, batch_size, seed, position
+    self.batches_per_epoch = n // batch_size
+
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    epoch, k = divmod(self.position, self.batches_per_epoch)
+    self.position += 1
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split["targets"]))
+    rows = order[k * self.batch_size:(k + 1) * self.batch_size]
+    return {**{key: value[rows] for key, value in self.split.items()}, "reset": True}
+
+
+def sentence_chunks(split: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
+  """The whole split in order, `rows` sentences at a time, with mask<float32>[rows].
+
+  The last chunk is filled with one-word padding rows of mask 0, so shapes stay fixed and
+  padding is never counted.
+  """
+  n = len(split["targets"])
+  padded = -(-n // rows) * rows
+  filler = {"inputs": 0, "lengths": 1, "targets": 0}
+  grid = {k: np.concatenate([v, np.full((padded - n,) + v.shape[1:], filler[k], v.dtype)])
+          for k, v in split.items()}
+  mask = (np.arange(padded) < n).astype(np.float32)
+  for start in range(0, padded, rows):
+    yield {**{k: v[start:start + rows] for k, v in grid.items()}, "mask": mask[start:start + rows]}

@@ -1,10 +1,14 @@
-"""Training and evaluation: train state, jit-compiled steps, whole-split perplexity, the loop.
+"""Training and evaluation: train state, jit-compiled steps, whole-split metrics, the loop.
 
-Metrics are sums (`nll_sum`, `tokens`), turned into perplexity `exp(nll_sum / tokens)` and
-bits per character `nll_sum / tokens / ln 2` on the host; per-batch perplexities are never
-averaged. Batches are batch-major: inputs/targets <int>[b, t].
+One loop serves every task (`TASKS`, chosen by `config.task`): the character/word language
+model ('lm') and the sentence classifier ('classify'); a task brings its data, parameters,
+carried state, loss and evaluation. Metrics are sums (`nll_sum`, `tokens`), turned into
+perplexity `exp(nll_sum / tokens)`, bits per character `nll_sum / tokens / ln 2` or accuracy
+on the host; per-batch figures are never averaged. Batches are batch-major: LM inputs/targets
+<int>[b, t]; classifier inputs<int>[b, t], lengths<int>[b], targets<int>[b].
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrnn import UserError, __version__, cells, checkpoint, data, model, parallel
+from jaxrnn import UserError, __version__, checkpoint, data, model, parallel
 
 Config = Any  # ml_collections.ConfigDict
 
@@ -62,7 +66,7 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
 def create_train_state(config: Config, vocab_size: int, tx: optax.GradientTransformation) -> TrainState:
   """Fresh parameters and optimizer state from `config.train.seed`."""
   params_key, dropout_key = jax.random.split(jax.random.key(config.train.seed))
-  params = model.init(params_key, config.model, vocab_size)
+  params = task_of(config).init(params_key, config.model, vocab_size)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=dropout_key)
 
@@ -72,13 +76,42 @@ def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
+def _lm_loss(params: Any, carry: Any, batch: dict[str, jax.Array], config: Config,
+             rng: jax.Array) -> tuple[jax.Array, Any]:
+  """(mean next-token loss of batch {inputs, targets}<int>[b, t], the final carry)."""
+  carry, logits = model.apply(params, carry, batch["inputs"], config=config, train=True, rng=rng)
+  return _nll(logits, batch["targets"]).mean(), carry
+
+
+def _label_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-sentence cross-entropy<float>[b] in nats: binary for one (sigmoid) output, else softmax."""
+  if logits.shape[-1] == 1:
+    return optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def _predictions(logits: jax.Array) -> jax.Array:
+  """labels<int>[b] from logits<float>[b, c]: logit > 0 for one sigmoid output, else argmax."""
+  if logits.shape[-1] == 1:
+    return (logits[:, 0] > 0).astype(jnp.int32)
+  return jnp.argmax(logits, axis=-1)
+
+
+def _classify_loss(params: Any, carry: Any, batch: dict[str, jax.Array], config: Config,
+                   rng: jax.Array) -> tuple[jax.Array, Any]:
+  """(mean cross-entropy of batch {inputs, lengths, targets}, the carry unchanged: there is none)."""
+  logits = model.apply_classifier(params, batch["inputs"], batch["lengths"], config=config,
+                                  train=True, rng=rng)
+  return _label_nll(logits, batch["targets"]).mean(), carry
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, config: Config,
                tx: optax.GradientTransformation,
                across_devices: bool = False) -> tuple[TrainState, Any, dict[str, jax.Array]]:
-  """One optimizer step on batch {inputs, targets}<int>[b, t]; the carry enters as a constant.
+  """One optimizer step on a batch of the config's task; the carry enters as a constant.
 
   Returns the new state, the final carry (for the next batch of the same lanes) and metrics:
-  mean loss (nats/token), gradient global norm before clipping, learning rate. Under
+  mean loss (nats per token or per sentence), gradient global norm before clipping, learning rate. Under
   `parallel.pmap` with `across_devices`, gradients and loss are averaged over devices, and each
   row's dropout key comes from its global row index, so any device count gives the same step.
   """
@@ -88,9 +121,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
   rng = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(first_row + jnp.arange(rows))
 
   def loss_fn(params):
-    new_carry, logits = model.apply(params, carry, batch["inputs"], config=config.model,
-                                    train=True, rng=rng)
-    return _nll(logits, batch["targets"]).mean(), new_carry
+    return task_of(config).loss(params, carry, batch, config.model, rng)
 
   (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if across_devices:
@@ -111,8 +142,8 @@ def eval_step(params: Any, batch: dict[str, jax.Array], carry: Any, *,
   return carry, nll.sum(axis=1), batch["mask"].sum(axis=1)
 
 
-def make_evaluator(config: Config, devs: parallel.Devices | None = None
-                   ) -> Callable[[Any, np.ndarray], dict[str, float]]:
+def make_lm_evaluator(config: Config, devs: parallel.Devices | None = None
+                      ) -> Callable[[Any, np.ndarray], dict[str, float]]:
   """`evaluate(params, ids<int>[n])`: loss, perplexity, bpc and tokens over a whole split.
 
   The split is cut into `train.eval_lanes` contiguous lanes read side by side (split over
@@ -143,9 +174,53 @@ def make_evaluator(config: Config, devs: parallel.Devices | None = None
   return evaluate
 
 
+def classify_eval_step(params: Any, batch: dict[str, jax.Array], *,
+                       config: Config) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(nll<float>[b], correct<float>[b], mask<float>[b]) of one masked chunk of sentences."""
+  logits = model.apply_classifier(params, batch["inputs"], batch["lengths"], config=config.model)
+  correct = (_predictions(logits) == batch["targets"]).astype(jnp.float32)
+  mask = batch["mask"]
+  return _label_nll(logits, batch["targets"]) * mask, correct * mask, mask
+
+
+def make_classify_evaluator(config: Config, devs: parallel.Devices | None = None
+                            ) -> Callable[[Any, dict[str, np.ndarray]], dict[str, float]]:
+  """`evaluate(params, split)`: loss (nats/sentence), accuracy and examples over a whole split.
+
+  The split (`data.encode_sentences`) is read `train.eval_lanes` sentences at a time, split over
+  the devices; per-row sums are added up on the host in float64, in row order, whatever the
+  device count. `devs`: all local devices by default.
+  """
+  devs = devs or parallel.devices()
+  parallel.check_divisible(config.train.eval_lanes, devs, "train.eval_lanes")
+  step = parallel.pmap(functools.partial(classify_eval_step, config=config), devs)
+
+  def evaluate(params, split):
+    if not len(split["targets"]):
+      raise UserError("no sentences to evaluate in this split: raise data.val_frac or "
+                      "data.test_frac above 0")
+    params = parallel.replicate(params, devs)
+    sums = 0.0
+    for chunk in data.sentence_chunks(split, config.train.eval_lanes):
+      out = step(params, parallel.shard(parallel.process_rows(chunk, devs), devs))
+      sums += np.stack(parallel.unshard(out)).astype(np.float64)  # [3, b_process]
+    nll, correct, count = parallel.all_rows(sums.T, devs).sum(axis=0)
+    return {"loss": float(nll / count), "accuracy": float(correct / count),
+            "examples": int(count)}
+
+  return evaluate
+
+
+def make_evaluator(config: Config, devs: parallel.Devices | None = None
+                   ) -> Callable[[Any, Any], dict[str, float]]:
+  """`evaluate(params, split)` over a whole encoded split (`prepare_data`) for the config's task."""
+  return task_of(config).make_evaluator(config, devs)
+
+
 def check_config(config: Config) -> None:
   """Fails early, with a UserError, on config values the code would only trip over later."""
-  cells.from_config(config.model)
+  task = task_of(config)
+  jax.eval_shape(lambda: task.init(jax.random.key(0), config.model, 2))
   make_optimizer(config.train)
   if config.train.steps < 1:
     raise UserError(f"train.steps must be >= 1, got {config.train.steps}")
@@ -202,11 +277,31 @@ class _Log:
       self.file.close()
 
 
-def prepare_data(config: Config) -> tuple[data.Vocab, dict[str, np.ndarray]]:
-  """The vocabulary (built on the training split) and every split encoded to ids."""
+def _prepare_text(config: Config, vocab: data.Vocab | None) -> tuple[data.Vocab, dict[str, np.ndarray]]:
+  """The LM's vocabulary and each split as ids<int>[n]."""
   splits, level = data.load_splits(config.data)
-  vocab = data.Vocab.build(splits["train"], level)
+  vocab = data.Vocab.build(splits["train"], level) if vocab is None else vocab
   return vocab, {name: vocab.encode(text) for name, text in splits.items()}
+
+
+def _prepare_sentences(config: Config, vocab: data.Vocab | None
+                       ) -> tuple[data.Vocab, dict[str, dict[str, np.ndarray]]]:
+  """The classifier's word vocabulary and each split as `data.encode_sentences` arrays."""
+  splits, classes = data.load_sentences(config.data)
+  binary = len(classes) == 2
+  if config.model.num_classes not in (len(classes), 1 if binary else len(classes)):
+    raise UserError(f"model.num_classes is {config.model.num_classes} but {config.data.corpus} has "
+                    f"{len(classes)} classes ({', '.join(classes)}); set it to {len(classes)}"
+                    + (" (softmax) or 1 (one sigmoid unit)" if binary else ""))
+  if vocab is None:
+    vocab = data.word_vocab(splits["train"][0], config.data.max_vocab)
+  return vocab, {name: data.encode_sentences(split, vocab, config.data.seq_len)
+                 for name, split in splits.items()}
+
+
+def prepare_data(config: Config, vocab: data.Vocab | None = None) -> tuple[data.Vocab, dict[str, Any]]:
+  """The vocabulary (built on the training split unless given) and every split encoded."""
+  return task_of(config).prepare_data(config, vocab)
 
 
 def load_run(workdir: str, step: int | str = "latest") -> tuple[Config, data.Vocab, Any, int]:
@@ -217,7 +312,7 @@ def load_run(workdir: str, step: int | str = "latest") -> tuple[Config, data.Voc
   config, vocab = checkpoint.config_and_vocab(checkpoint.read_meta(mngr, step))
   tx = make_optimizer(config.train)
   state = jax.eval_shape(lambda: create_train_state(config, len(vocab), tx))
-  carry = jax.eval_shape(lambda: model.initial_carry(config.model, config.data.batch_size))
+  carry = jax.eval_shape(lambda: task_of(config).initial_carry(config.model, config.data.batch_size))
   state, _, meta = checkpoint.restore(mngr, state, carry, step)
   return config, vocab, state.params, meta["step"]
 
@@ -255,6 +350,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   figures, or {"step", "preempted": True} after a SIGTERM/SIGINT.
   """
   check_config(config)
+  task = task_of(config)
   devs = parallel.devices(config.train.devices)
   parallel.check_divisible(config.data.batch_size, devs, "data.batch_size")
   evaluate = make_evaluator(config, devs)
@@ -262,7 +358,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   workdir.mkdir(parents=True, exist_ok=True)
   vocab, ids = prepare_data(config)
   tx = make_optimizer(config.train)
-  zeros = model.initial_carry(config.model, config.data.batch_size)
+  zeros = task.initial_carry(config.model, config.data.batch_size)
   mngr = checkpoint.manager(workdir, config.train.keep)
   state, carry, position = _resume(mngr, create_train_state(config, len(vocab), tx), zeros,
                                    config, vocab)
@@ -274,22 +370,22 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   step_fn = parallel.pmap(functools.partial(train_step, config=config, tx=tx, across_devices=True),
                           devs, donate_argnums=(0,))
-  batches = data.train_batches(ids["train"], config.data, config.train.seed, position)
+  batches = task.train_batches(ids["train"], config, position)
   first = int(state.step) + 1
   params_count = model.num_params(state.params)
   state, carry, zeros = parallel.replicate(state, devs), local(carry), local(zeros)
   log = _Log(workdir, config.train.steps, resumed_at=first - 1, enabled=devs.is_main)
-  log.note(f"{params_count:,} parameters, vocabulary {len(vocab)}, {len(ids['train']):,} "
-           f"training tokens, {devs.count} {devs.local[0].platform} device(s)")
+  log.note(f"{params_count:,} parameters, vocabulary {len(vocab)}, {task.size(ids['train']):,} "
+           f"training {task.unit}, {devs.count} {devs.local[0].platform} device(s)")
 
   def evaluate_splits(step, splits):
     params = parallel.unreplicate(state.params)
-    rows = {s: evaluate(params, ids[s]) for s in splits if len(ids[s]) > 1}
+    rows = {s: evaluate(params, ids[s]) for s in splits if task.size(ids[s]) > 0}
     for split, row in rows.items():
       log.write({"step": step, "split": split, **row})
     return rows
 
-  tokens_per_step = config.data.batch_size * config.data.seq_len
+  tokens_per_step = config.data.batch_size * config.data.seq_len  # padding included
   start, evals = time.perf_counter(), {}
   train_seconds, ticked_at = 0.0, first - 1  # time in training steps since the last train row
   with checkpoint.Preemption() as preemption:
@@ -298,7 +394,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       batch = next(batches)
       if batch["reset"]:
         carry = zeros
-      state, carry, metrics = step_fn(state, local({k: batch[k] for k in ("inputs", "targets")}),
+      state, carry, metrics = step_fn(state, local({k: v for k, v in batch.items() if k != "reset"}),
                                       carry)
       metrics = parallel.unreplicate(metrics)
       loss = float(metrics["loss"])  # waits for the step, so the timing below is the step's
@@ -315,7 +411,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         train_seconds, ticked_at = 0.0, step
       evaluated = last or (config.train.eval_every and step % config.train.eval_every == 0)
       if evaluated:
-        evals = evaluate_splits(step, ("val", "test") if last else ("val",))
+        evals = evaluate_splits(step, task.final_splits if last else ("val",))
       if last or preemption.requested or step % config.train.ckpt_every == 0:
         checkpoint.save(mngr, parallel.unreplicate(state),
                         parallel.all_rows(parallel.unshard(carry), devs), batches.position,
@@ -325,13 +421,60 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         log.close()
         return {"step": step, "preempted": True}
   if not evals:  # the workdir's run had already finished: report it again
-    evals = evaluate_splits(first - 1, ("val", "test"))
+    evals = evaluate_splits(first - 1, task.final_splits)
   log.close()
 
   result = {"step": int(parallel.unreplicate(state.step)), "params": params_count,
             "devices": devs.count, "seconds": round(time.perf_counter() - start, 1)}
   for split, row in evals.items():
-    prefix = "" if split == "val" else "test_"
-    result.update({f"{split}_loss": row["loss"], f"{prefix}perplexity": row["perplexity"],
-                   f"{prefix}bpc": row["bpc"], f"{prefix}tokens": row["tokens"]})
+    result.update(task.summary(split, row))
   return result
+
+
+def _lm_summary(split: str, row: dict[str, Any]) -> dict[str, Any]:
+  """The LM's result keys: val_loss, perplexity, bpc, tokens; test_loss, test_perplexity, ..."""
+  prefix = "" if split == "val" else f"{split}_"
+  return {f"{split}_loss": row["loss"], **{prefix + k: row[k] for k in ("perplexity", "bpc", "tokens")}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a task brings to the one training loop."""
+  init: Callable[[jax.Array, Config, int], Any]  # (key, model config, vocab size) -> params
+  initial_carry: Callable[[Config, int], Any]  # (model config, b) -> state carried across batches
+  loss: Callable[..., tuple[jax.Array, Any]]  # (params, carry, batch, model config, rng) -> (loss, carry)
+  prepare_data: Callable[[Config, data.Vocab | None], tuple[data.Vocab, dict[str, Any]]]
+  train_batches: Callable[[Any, Config, int], Any]  # (train split, config, position) -> iterator
+  make_evaluator: Callable[..., Callable[[Any, Any], dict[str, Any]]]  # (config, devs)
+  final_splits: tuple[str, ...]  # evaluated after the last step
+  summary: Callable[[str, dict[str, Any]], dict[str, Any]]  # one split's figures -> result keys
+  size: Callable[[Any], int]  # what an encoded split holds to learn from or evaluate
+  unit: str  # of `size`
+
+
+TASKS: dict[str, Task] = {
+    "lm": Task(
+        init=model.init, initial_carry=model.initial_carry, loss=_lm_loss,
+        prepare_data=_prepare_text,
+        train_batches=lambda ids, config, position: data.train_batches(
+            ids, config.data, config.train.seed, position),
+        make_evaluator=make_lm_evaluator, final_splits=("val", "test"), summary=_lm_summary,
+        size=lambda ids: len(ids) - 1, unit="tokens"),
+    "classify": Task(
+        init=model.init_classifier, initial_carry=lambda config, b: (),  # nothing crosses batches
+        loss=_classify_loss, prepare_data=_prepare_sentences,
+        train_batches=lambda split, config, position: data.SentenceBatches(
+            split, config.data.batch_size, config.train.seed, position),
+        # The test split is left to eval.py, so it is read once per reported figure.
+        make_evaluator=make_classify_evaluator, final_splits=("val",),
+        summary=lambda split, row: {f"{split}_{k}": v for k, v in row.items()},
+        size=lambda split: len(split["targets"]), unit="sentences"),
+}
+
+
+def task_of(config: Config) -> Task:
+  """The task named by `config.task`; configs saved before there were tasks are LMs."""
+  name = config.get("task", "lm")
+  if name not in TASKS:
+    raise UserError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
+  return TASKS[name]

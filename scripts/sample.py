@@ -28,6 +28,8 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   try:
     config, vocab, params, step = train.load_run(_WORKDIR.value, _STEP.value)
+    if train.task_of(config) is not train.TASKS["lm"]:
+      raise UserError(f"{_WORKDIR.value} holds a {config.task} run: sampling needs a language model")
     start = time.perf_counter()
     tokens = sample.generate(params, config.model, vocab.encode(_PREFIX.value), _LENGTH.value,
                              seed=_SEED.value, num_samples=_NUM_SAMPLES.value,

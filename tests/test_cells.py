@@ -9,16 +9,23 @@ import pytest
 
 from jaxrnn import UserError, cells, model
 
-CELLS = ["rnn", "gru", "lstm"]
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+CELLS = ["rnn", "gru", "lstm"]  # the torch.nn cells
+ALL_CELLS = cells.names()
+GATES = {"rnn": 1, "gru": 3, "lstm": 4, "lnlstm": 4, "mingru": 2, "minlstm": 3, "indrnn": 1}
 B, D, H = 3, 5, 7
 
 
 def _random_carry(name, rng, b=B, h=H):
-  if name == "lstm":
-    return (jnp.asarray(rng.normal(size=(b, h)), jnp.float32),
-            jnp.asarray(rng.normal(size=(b, h)), jnp.float32))
-  return jnp.asarray(rng.normal(size=(b, h)), jnp.float32)
+  return jax.tree.map(lambda z: jnp.asarray(rng.normal(size=z.shape), jnp.float32),
+                      cells.get(name).initial_carry(b, h))
+
+
+def _float64(params):
+  return {k: np.asarray(v, np.float64) for k, v in params.items()}
+
+
+def _sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x))
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -38,19 +45,19 @@ def test_init_shapes_dtypes_and_range(name):
     assert value.std() > 0.2 * bound
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", ALL_CELLS)
 def test_initial_carry_is_zeros(name):
-  """initial_carry(b, h) is float32 zeros of shape (b, h); LSTM has two of them."""
+  """initial_carry(b, h) is float32 zeros of shape (b, h); the LSTMs have two of them."""
   carry = cells.get(name).initial_carry(B, H)
   leaves = jax.tree.leaves(carry)
-  assert len(leaves) == (2 if name == "lstm" else 1)
+  assert len(leaves) == (2 if name in ("lstm", "lnlstm") else 1)
   for leaf in leaves:
     assert leaf.shape == (B, H)
     assert leaf.dtype == jnp.float32
     np.testing.assert_array_equal(leaf, np.zeros((B, H)))
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", ALL_CELLS)
 def test_step_shapes(name):
   """step maps x<b, d> to a carry with the initial carry's structure and y<b, h>."""
   cell = cells.get(name)
@@ -64,7 +71,7 @@ def test_step_shapes(name):
     assert leaf.shape == (B, H)
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", ALL_CELLS)
 def test_step_is_recur_of_project(name):
   """step(params, carry, x) equals recur(params, carry, project(params, x))."""
   cell = cells.get(name)
@@ -78,7 +85,7 @@ def test_step_is_recur_of_project(name):
   jax.tree.map(np.testing.assert_array_equal, got_carry, expected_carry)
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", ALL_CELLS)
 def test_project_any_leading_shape(name):
   """project on x<t, b, d> equals project on each x[t] separately."""
   cell = cells.get(name)
@@ -140,12 +147,12 @@ def test_concatenation_identity():
 
 
 def test_unknown_cell_lists_valid_names():
-  """cells.get with an unknown name raises UserError naming rnn, gru and lstm."""
+  """cells.get with an unknown name raises UserError naming every registered cell."""
   with pytest.raises(UserError) as info:
     cells.get("nope")
   message = str(info.value)
   assert "nope" in message
-  for name in CELLS:
+  for name in ALL_CELLS:
     assert name in message
 
 
@@ -196,3 +203,82 @@ def test_rnn_parameter_count(h, x):
   """A 1-layer tanh RNN with state h and input x has h * (h + x) + h parameters."""
   params = cells.get("rnn").init(jax.random.key(7), x, h)
   assert model.num_params(params) == h * (h + x) + h
+
+
+def _g(x):
+  """minGRU's g (Feng et al. 2024, appendix B), in float64."""
+  return np.where(x >= 0, x + 0.5, _sigmoid(x))
+
+
+def _paper_step(name, p, h, x):
+  """One step of the paper's sequential minGRU / minLSTM equations in float64."""
+  if name == "mingru":
+    z = _sigmoid(x @ p["w_ih"][:, :H] + p["b"][:H])
+    h_tilde = _g(x @ p["w_ih"][:, H:] + p["b"][H:])
+    return (1.0 - z) * h + z * h_tilde
+  pre = x @ p["w_ih"] + p["b"]
+  f, i, h_tilde = _sigmoid(pre[:, :H]), _sigmoid(pre[:, H:2 * H]), _g(pre[:, 2 * H:])
+  return f / (f + i) * h + i / (f + i) * h_tilde
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+def test_min_cells_step_matches_the_paper(name):
+  """mingru / minlstm step: the paper's sequential equations (float64), with no w_hh at all."""
+  cell = cells.get(name)
+  params = cell.init(jax.random.key(8), D, H)
+  assert set(params) == {"w_ih", "b"}
+  rng = np.random.default_rng(4)
+  x, h = 2.0 * rng.normal(size=(B, D)), rng.normal(size=(B, H))
+  _, y = cell.step(params, jnp.asarray(h, jnp.float32), jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(y, _paper_step(name, _float64(params), h, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm"])
+def test_log_linear_is_the_step(name):
+  """exp(log a) * h + exp(log b) from `log_linear` equals `recur`, for any h (negative included)."""
+  cell = cells.get(name)
+  rng = np.random.default_rng(5)
+  gx = jnp.asarray(4.0 * rng.normal(size=(B, GATES[name] * H)), jnp.float32)
+  h = jnp.asarray(rng.normal(size=(B, H)), jnp.float32)
+  log_a, log_b = cell.log_linear(gx)
+  assert bool(jnp.all(log_a <= 0.0))  # 0 < a <= 1: the state cannot grow
+  _, y = cell.recur({}, h, gx)
+  np.testing.assert_allclose(jnp.exp(log_a) * h + jnp.exp(log_b), y, rtol=1e-5, atol=1e-6)
+
+
+def _layer_norm(x, gain, bias=0.0):
+  return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * gain + bias
+
+
+def test_lnlstm_matches_numpy():
+  """lnlstm step: Ba et al. eqs. 20-22 (gate order i, f, g, o) in float64, non-trivial gains."""
+  cell = cells.get("lnlstm", forget_bias=1.0)
+  params = cell.init(jax.random.key(9), D, H)
+  rng = np.random.default_rng(6)
+  params = {k: v if k in ("w_ih", "w_hh", "b")
+            else jnp.asarray(rng.uniform(0.5, 1.5, v.shape), jnp.float32) for k, v in params.items()}
+  p = _float64(params)
+  x, h, c = rng.normal(size=(B, D)), rng.normal(size=(B, H)), rng.normal(size=(B, H))
+  gates = (_layer_norm(x @ p["w_ih"], p["ln_ih_gain"]) + _layer_norm(h @ p["w_hh"], p["ln_hh_gain"])
+           + p["b"])
+  i, f, g, o = np.split(gates, 4, axis=-1)
+  c_new = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+  h_new = _sigmoid(o) * np.tanh(_layer_norm(c_new, p["ln_c_gain"], p["ln_c_bias"]))
+  (got_h, got_c), y = cell.step(params, (jnp.asarray(h, jnp.float32), jnp.asarray(c, jnp.float32)),
+                                jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(got_c, c_new, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_h, h_new, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(y, got_h)
+
+
+def test_indrnn_matches_numpy():
+  """indrnn step: relu(x W_ih + b + u * h) with one recurrent weight per unit, u in [0, 1)."""
+  cell = cells.get("indrnn")
+  params = cell.init(jax.random.key(10), D, H)
+  assert params["u"].shape == (H,) and 0.0 <= float(params["u"].min()) < float(params["u"].max()) < 1.0
+  p = _float64(params)
+  rng = np.random.default_rng(7)
+  x, h = rng.normal(size=(B, D)), rng.normal(size=(B, H))
+  _, y = cell.step(params, jnp.asarray(h, jnp.float32), jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(y, np.maximum(x @ p["w_ih"] + p["b"] + p["u"] * h, 0.0),
+                             rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Tests for jaxrnn.model: shapes, input paths, dropout switching and step-by-step decoding."""
+"""Tests for jaxrnn.model: shapes, input paths, dropout switching, step-by-step decoding, and the
+sentence classifier (masking, pooling, Keras' parameter counts)."""
 
 import functools
 
@@ -18,6 +19,7 @@ def _config(cell="lstm", **overrides):
   config = ml_collections.ConfigDict({
       "cell": cell, "hidden_size": H, "num_layers": 2, "embed_dim": 6, "one_hot": False,
       "dropout": 0.0, "unroll": 1, "forget_bias": 1.0, "nonlinearity": "tanh",
+      "bidirectional": False, "pooling": "last", "num_classes": 2,
   })
   config.update(overrides)
   return config
@@ -94,9 +96,10 @@ def test_train_dropout_changes_logits_per_rng():
   np.testing.assert_array_equal(logits(train=True, rng=jax.random.key(5)), first)
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", CELLS + ["mingru", "minlstm"])
 def test_full_sequence_equals_token_by_token(name):
-  """One apply over t tokens equals t applies of one token each, threading the carry."""
+  """One apply over t tokens equals t applies of one token each, threading the carry (for
+  mingru / minlstm: the parallel scan equals the sequential sampling mode)."""
   config = _config(name, unroll=3)
   params = model.init(jax.random.key(7), config, V)
   tokens = _tokens(7)
@@ -122,3 +125,98 @@ def test_unknown_cell_in_config_lists_cells():
       build()
     for name in CELLS:
       assert name in str(info.value)
+
+
+def test_lm_refuses_bidirectional():
+  """A bidirectional language model is refused with a message that it would see the future."""
+  with pytest.raises(UserError, match="bidirectional=True would let the language model see the "
+                                      "future.*set it to False"):
+    model.init(jax.random.key(0), _config(bidirectional=True), V)
+
+
+def _sentences(seed=0, b=B, t=T):
+  """tokens<b, t> padded with 0 after lengths<b> (including a full-length and a one-word row)."""
+  rng = np.random.default_rng(seed)
+  lengths = np.array([t, 1] + list(rng.integers(1, t + 1, b - 2)))[:b]
+  tokens = rng.integers(1, V, size=(b, t))
+  tokens[np.arange(t)[None, :] >= lengths[:, None]] = 0
+  return jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+@pytest.mark.parametrize("bidirectional, num_classes", [(False, 1), (True, 3)])
+def test_classifier_shapes(bidirectional, num_classes):
+  """logits<b, c>; the head reads h or 2h features; a layer is a {fwd, bwd} pair if bidirectional."""
+  config = _config(bidirectional=bidirectional, num_classes=num_classes)
+  params = model.init_classifier(jax.random.key(0), config, V)
+  width = 2 * H if bidirectional else H
+  assert params["head"]["w"].shape == (width, num_classes)
+  assert (set(params["layers"][1]) == {"fwd", "bwd"}) == bidirectional
+  tokens, lengths = _sentences()
+  logits = model.apply_classifier(params, tokens, lengths, config=config)
+  assert logits.shape == (B, num_classes) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("cell, bidirectional, pooling", [
+    ("lstm", False, "last"), ("lstm", True, "last"), ("gru", True, "mean"),
+    ("mingru", True, "last"), ("minlstm", False, "mean"),
+])
+def test_appending_padding_does_not_change_logits(cell, bidirectional, pooling):
+  """The same sentences padded to t and to t + 5 (with any token ids) give the same logits."""
+  config = _config(cell, bidirectional=bidirectional, pooling=pooling)
+  params = model.init_classifier(jax.random.key(1), config, V)
+  tokens, lengths = _sentences(1)
+  longer = jnp.concatenate([tokens, jnp.asarray(np.random.default_rng(2).integers(0, V, (B, 5)),
+                                                jnp.int32)], axis=1)
+  apply = jax.jit(functools.partial(model.apply_classifier, config=config))
+  np.testing.assert_allclose(apply(params, longer, lengths), apply(params, tokens, lengths),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_reads_each_direction_where_it_ends():
+  """'last' = (forward output at step length - 1, backward output at step 0); 'mean' averages
+  the valid steps: checked against one-sentence runs of the layer by hand."""
+  config = _config(bidirectional=True, num_layers=1)
+  params = model.init_classifier(jax.random.key(3), config, V)
+  tokens, lengths = _sentences(3)
+  params["head"] = {"w": jnp.eye(2 * H, dtype=jnp.float32), "b": jnp.zeros(2 * H)}  # features out
+  last = model.apply_classifier(params, tokens, lengths, config=config)
+  mean = model.apply_classifier(params, tokens, lengths, config=_config(
+      bidirectional=True, num_layers=1, pooling="mean"))
+  cell = model.cells.get("lstm")
+  zero = cell.initial_carry(1, H)
+  for b, n in enumerate(np.asarray(lengths)):
+    x = params["embed"][tokens[b:b + 1, :n]]
+    _, forward = model.layers.run(cell, params["layers"][0]["fwd"], zero, x)
+    _, backward = model.layers.run(cell, params["layers"][0]["bwd"], zero, x[:, ::-1])
+    np.testing.assert_allclose(last[b], np.concatenate([forward[0, -1], backward[0, -1]]),
+                               rtol=1e-5, atol=1e-6)
+    both = np.concatenate([forward[0], backward[0, ::-1]], axis=-1)
+    np.testing.assert_allclose(mean[b], both.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_keras_simple_rnn_parameter_counts():
+  """The background texts' sentiment model (vocab 10000, embed 32, SimpleRNN 32, one sigmoid
+  unit) has Keras' counts: embedding 320,000, SimpleRNN 2,080 = h (h + x) + h, dense 33."""
+  config = _config("rnn", hidden_size=32, embed_dim=32, num_layers=1, num_classes=1)
+  params = model.init_classifier(jax.random.key(0), config, 10000)
+  assert model.num_params(params["embed"]) == 320_000
+  assert model.num_params(params["layers"][0]) == 2_080 == 32 * (32 + 32) + 32
+  assert model.num_params(params["head"]) == 33
+  assert model.num_params(params) == 322_113
+
+
+def test_classifier_refuses_bad_fields():
+  """one_hot, num_classes < 1 and an unknown pooling give UserErrors naming the field."""
+  for overrides, field in [({"one_hot": True}, "one_hot"), ({"num_classes": 0}, "num_classes"),
+                           ({"pooling": "max"}, "pooling")]:
+    with pytest.raises(UserError, match=field):
+      model.init_classifier(jax.random.key(0), _config(**overrides), V)
+
+
+def test_embed_scale_scales_only_the_embedding():
+  """embed_scale multiplies the N(0, 1) embedding draw; every other parameter stays the same."""
+  base = model.init_classifier(jax.random.key(4), _config(), V)
+  scaled = model.init_classifier(jax.random.key(4), _config(embed_scale=0.1), V)
+  np.testing.assert_allclose(scaled["embed"], 0.1 * base["embed"], rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, scaled["layers"], base["layers"])
+  np.testing.assert_array_equal(scaled["head"]["w"], base["head"]["w"])

@@ -123,3 +123,21 @@ def test_two_processes_match_one_process_with_four_devices(corpus, four_and_one,
   assert step == 20
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params4), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_classifier_on_two_devices_matches_one(tmp_path):
+  """The sentence classifier (no carried state) trains and validates alike on 2 devices and 1."""
+  flags = ["--config", str(REPO / "configs" / "classify_rt.py"), "--config.model.hidden_size=8",
+           "--config.model.embed_dim=8", "--config.data.max_vocab=300",
+           "--config.data.batch_size=8", "--config.train.steps=6", "--config.train.log_every=1",
+           "--config.train.eval_every=3"]
+  results = {}
+  for n in (2, 1):
+    proc = run("train.py", n, f"--workdir={tmp_path / str(n)}", *flags)
+    assert proc.returncode == 0, proc.stderr
+    results[n] = json.loads(proc.stdout.splitlines()[-1])
+  assert results[2]["devices"] == 2
+  np.testing.assert_allclose(losses(tmp_path / "2"), losses(tmp_path / "1"), rtol=1e-5)
+  assert results[2]["val_accuracy"] == results[1]["val_accuracy"]
+  assert results[2]["val_loss"] == pytest.approx(results[1]["val_loss"], rel=1e-5)

@@ -98,3 +98,29 @@ def test_plot_draws_two_runs_and_refuses_an_empty_workdir(corpus, tmp_path):
   (tmp_path / "empty").mkdir()
   bad = run_script("plot.py", f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'x.png'}")
   assert bad.returncode == 2 and "no metrics" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_classify_config_trains_and_eval_reads_the_test_split(tmp_path):
+  """configs/classify_rt.py (shrunk): the last stdout line has val_accuracy; validation rows have
+  accuracy and loss and no test rows are written; eval.py --split test prints accuracy and
+  loss; sample.py refuses a classifier."""
+  workdir = tmp_path / "run"
+  proc = run_script("train.py", "--config", str(REPO / "configs" / "classify_rt.py"),
+                    f"--workdir={workdir}", "--config.model.hidden_size=8",
+                    "--config.model.embed_dim=8", "--config.data.max_vocab=300",
+                    "--config.data.batch_size=8", "--config.train.steps=4",
+                    "--config.train.eval_every=2", "--config.train.log_every=2")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["step"] == 4 and 0.0 <= result["val_accuracy"] <= 1.0 and result["val_loss"] > 0
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  val_rows = [r for r in rows if r["split"] == "val"]
+  assert [r["step"] for r in val_rows] == [2, 4] and {"accuracy", "loss"} <= set(val_rows[0])
+  assert not [r for r in rows if r["split"] == "test"]
+  proc = run_script("eval.py", f"--workdir={workdir}", "--split=test", "--step=best")
+  assert proc.returncode == 0, proc.stderr
+  evaluated = json.loads(proc.stdout)
+  assert evaluated["split"] == "test" and evaluated["examples"] == 1066
+  assert 0.0 <= evaluated["accuracy"] <= 1.0 and evaluated["loss"] > 0
+  proc = run_script("sample.py", f"--workdir={workdir}")
+  assert proc.returncode == 2 and "sampling needs a language model" in proc.stderr
