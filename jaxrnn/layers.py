@@ -41,13 +41,15 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *,
 
 def linear_scan(log_a: jax.Array, log_b: jax.Array, h0: jax.Array,
                 reset: jax.Array | None = None) -> jax.Array:
-  """hs<float>[t, b, h] of h_t = a_t * h_{t-1} + b_t from log_a, log_b<float>[t, b, h] and h0<float>[b, h].
+  """The states hs<float>[t, b, h] of h_t = a_t * h_{t-1} + b_t from h0<float>[b, h].
 
-  `jax.lax.associative_scan` composes the steps in O(log t) depth. Each prefix is kept as
-  (log prod a, log of its input-driven sum), combined with logaddexp, so long products of
-  small a_t underflow to 0 (correctly) and never leave log space as a subtraction of large
-  numbers (Feng et al. 2024, appendix). h0 is added in linear space because a carried state may
-  be negative. reset<bool>[t, b]: a_t = 0 there, so the step starts from a zero state.
+  log_a, log_b<float>[t, b, h] (b_t > 0). `jax.lax.associative_scan` composes the steps in
+  O(log t) depth, each run of steps kept in log space as (log of its product of a, log of its
+  input-driven sum) and composed with logaddexp: nothing overflows, a long product of small
+  a_t underflows to 0 as it should, and no large cumulative sums are subtracted (the cumsum /
+  logcumsumexp form of Feng et al. 2024's appendix loses precision that way on long
+  sequences). h0 is added in linear space because a carried state may be negative.
+  reset<bool>[t, b]: a_t = 0 there, so that step starts from a zero state.
   """
   if reset is not None:
     log_a = jnp.where(reset[..., None], -jnp.inf, log_a)
