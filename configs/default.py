@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.forget_bias = 0.0  # lstm and lnlstm cells: added to the forget-gate bias at init
   config.model.bidirectional = False  # classify only: each layer also reads every sentence backwards
   config.model.pooling = "last"  # classify: "last" valid output (of each direction) or "mean" of them
-  config.model.num_classes = 2  # classify: output units, one per class; 1 is one sigmoid unit (2 classes)
+  config.model.num_classes = 2  # classify: one output per class; 1: one sigmoid unit (2 classes)
 
   config.data = ml_collections.ConfigDict()
   config.data.corpus = "tinyshakespeare"  # a name in jaxrnn.data.CORPORA or a path to a text file
@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.batching = "sequential"  # lm: "sequential" (state carried) or "random" windows
   config.data.batch_size = 32  # b, lanes (lm) or sentences (classify) per batch
   config.data.seq_len = 64  # t, truncated-BPTT length (lm); words kept per sentence (classify)
-  config.data.max_vocab = 0  # classify: most frequent training words kept, <pad> and <unk> included; 0: all
+  config.data.max_vocab = 0  # classify: vocabulary cap (top training words, <pad>, <unk>); 0: none
   config.data.split_seed = 0  # classify: the shuffle behind the fixed train/val/test split
 
   config.train = ml_collections.ConfigDict()
@@ -55,6 +55,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 250  # steps between whole-split validations; 0: only at the end
   config.train.ckpt_every = 250  # steps between checkpoints (also saved at the end and on SIGTERM)
   config.train.keep = 3  # latest checkpoints kept, besides the best by validation loss
-  config.train.eval_lanes = 16  # lm: contiguous lanes evaluated side by side; classify: sentences per batch
+  config.train.eval_lanes = 16  # lm: contiguous lanes evaluated side by side; classify: batch rows
   config.train.eval_chunk = 256  # columns per evaluation step
   return config

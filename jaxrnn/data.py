@@ -45,7 +45,7 @@ class Source:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  """A named corpus: one file split by fractions, fixed train/valid/test files, or one file per class."""
+  """A named corpus: one file cut by fractions, train/valid/test files, or one file per class."""
   sources: tuple[Source, ...]
   encoding: str = "utf-8"  # "utf-8", "detect" (UTF-8, else cp1252), "bytes" or "ptb_char"
   tokens: str = "char"  # default vocabulary level: "char" or "word"

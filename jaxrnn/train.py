@@ -111,9 +111,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
   """One optimizer step on a batch of the config's task; the carry enters as a constant.
 
   Returns the new state, the final carry (for the next batch of the same lanes) and metrics:
-  mean loss (nats per token or per sentence), gradient global norm before clipping, learning rate. Under
-  `parallel.pmap` with `across_devices`, gradients and loss are averaged over devices, and each
-  row's dropout key comes from its global row index, so any device count gives the same step.
+  mean loss (nats per token or sentence), gradient global norm before clipping, learning rate.
+  Under `parallel.pmap` with `across_devices`, gradients and loss are averaged over devices, and
+  each row's dropout key comes from its global row index, so any device count gives the same step.
   """
   rows = batch["inputs"].shape[0]
   first_row = parallel.row_offset(rows) if across_devices else 0
@@ -442,7 +442,7 @@ class Task:
   """What a task brings to the one training loop."""
   init: Callable[[jax.Array, Config, int], Any]  # (key, model config, vocab size) -> params
   initial_carry: Callable[[Config, int], Any]  # (model config, b) -> state carried across batches
-  loss: Callable[..., tuple[jax.Array, Any]]  # (params, carry, batch, model config, rng) -> (loss, carry)
+  loss: Callable[..., tuple[jax.Array, Any]]  # (params, carry, batch, model cfg, rng) -> (loss, carry)
   prepare_data: Callable[[Config, data.Vocab | None], tuple[data.Vocab, dict[str, Any]]]
   train_batches: Callable[[Any, Config, int], Any]  # (train split, config, position) -> iterator
   make_evaluator: Callable[..., Callable[[Any, Any], dict[str, Any]]]  # (config, devs)

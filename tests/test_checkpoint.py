@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,25 +207,23 @@ def test_missing_workdir_is_a_one_line_error(script, tmp_path):
 def classify_config(steps: int):
   config = default.get_config()
   config.task = "classify"
-  config.model.update(hidden_size=8, embed_dim=8, bidirectional=True, dropout=0.1)
+  config.model.update(hidden_size=8, embed_dim=8, dropout=0.1)
   config.data.update(corpus="rt-polarity", batch_size=8, seq_len=16, max_vocab=300)
-  config.train.update(steps=steps, log_every=1, eval_every=3, ckpt_every=3, eval_lanes=256)
+  config.train.update(steps=steps, log_every=1, eval_every=0, ckpt_every=3, eval_lanes=256)
   return config
 
 
 def test_classifier_resume_is_bitwise_identical(tmp_path):
-  """Classifier (no carried state): 3 steps, stop, resume to 6 == 6 straight, params and losses;
-  the restored run evaluates to the validation figures training logged."""
+  """Classifier (an empty carry, shuffled batches): resuming a copy of a 6-step run from its
+  step-3 checkpoint ends with the same params bit for bit and the same losses."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  result = train.train_and_evaluate(classify_config(6), str(straight))
-  train.train_and_evaluate(classify_config(3), str(resumed))
+  train.train_and_evaluate(classify_config(6), str(straight))
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "6")
+  assert checkpoint.manager(resumed).latest_step() == 3
   train.train_and_evaluate(classify_config(6), str(resumed))
-  config, vocab, params_a, step_a = train.load_run(str(straight))
+  *_, params_a, step_a = train.load_run(str(straight))
   *_, params_b, step_b = train.load_run(str(resumed))
   assert step_a == step_b == 6
   assert_trees_equal(params_a, params_b)
   assert train_losses(straight) == train_losses(resumed)
-  _, splits = train.prepare_data(config, vocab)
-  again = train.make_evaluator(config)(params_a, splits["val"])
-  assert again["accuracy"] == result["val_accuracy"]
-  assert again["loss"] == pytest.approx(result["val_loss"], rel=1e-6)

@@ -288,7 +288,7 @@ def test_reset_gradients_stay_finite():
 
 
 def test_reverse_valid_reverses_each_rows_valid_steps():
-  """Row b's first lengths[b] steps come out reversed, the padding after them in place; twice is once."""
+  """Row b's first lengths[b] steps come out reversed, padding in place; applied twice, nothing."""
   xs = jnp.arange(2 * 5 * 1).reshape(2, 5, 1)
   lengths = jnp.array([3, 5])
   got = layers.reverse_valid(xs, lengths)

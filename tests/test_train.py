@@ -216,8 +216,8 @@ def test_classify_evaluator_equals_one_pass_over_the_split(num_classes):
 
 
 def test_classify_train_step_changes_every_parameter():
-  """One Adam step on a 2-layer bidirectional classifier moves every leaf; no carry comes back."""
-  config = classify_config(num_layers=2, dropout=0.1)
+  """One Adam step on a bidirectional classifier moves every leaf; no carry comes back."""
+  config = classify_config(dropout=0.1)
   vocab, splits = train.prepare_data(config)
   tx = train.make_optimizer(config.train)
   state = train.create_train_state(config, len(vocab), tx)
@@ -245,11 +245,10 @@ def test_classify_config_errors_are_caught_early(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "c"))
 
 
-@pytest.mark.parametrize("cell", ["mingru", "lnlstm"])
-def test_new_cells_train_the_lm_with_no_other_change(cell, text_file, tmp_path):
-  """--config.model.cell=<new cell> alone: a short LM run ends well below the uniform loss log |V|."""
+def test_mingru_trains_the_lm_with_no_other_change(text_file, tmp_path):
+  """--config.model.cell=mingru alone: a short LM run ends well below the uniform loss log |V|."""
   config = tiny_config(text_file, steps=30, lr=1e-2)
-  config.model.cell = cell
+  config.model.cell = "mingru"
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
   vocab, _ = train.prepare_data(config)
   assert math.isfinite(result["val_loss"]) and result["val_loss"] < 0.9 * math.log(len(vocab))
