@@ -1,10 +1,11 @@
 """python scripts/bench.py --cells=rnn,gru,lstm --peers=torch,flax --out=bench.json
 
 Benchmarks jaxrnn against the same model in PyTorch and flax.linen (training and evaluation
-tokens/s, sampling chars/s, achieved GFLOP/s), then jaxrnn's lstm alone: training tokens/s over
---seq_sweep and the compiled training step's memory at seq 64 and 1024. Rounds are interleaved
-(A B C A B C ...); the table shows medians and jaxrnn/x, the first jaxrnn row's figure over the
-row's (above 1: jaxrnn is faster). `--quick` shrinks everything for the test suite.
+tokens/s, sampling chars/s, achieved GFLOP/s; cells with no peer, such as mingru, run alone),
+then jaxrnn's lstm alone: training tokens/s over --seq_sweep and the compiled training step's
+memory at seq 64 and 1024. Rounds are interleaved (A B C A B C ...); the table shows medians and
+jaxrnn/x, the first jaxrnn row's figure over the row's (above 1: jaxrnn is faster). `--quick`
+shrinks everything for the test suite.
 """
 
 import functools
@@ -27,9 +28,10 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from jaxrnn import UserError, model, sample, train
+from jaxrnn import UserError, cells, model, sample, train
 
-flags.DEFINE_string("cells", "rnn,gru,lstm", "Comma list of cells to benchmark.")
+flags.DEFINE_string("cells", ",".join(cells.names()),
+                    "Comma list of cells to benchmark; cell:hidden sets its own hidden size.")
 flags.DEFINE_integer("layers", 2, "Stacked layers.")
 flags.DEFINE_integer("hidden", 256, "Hidden size per layer.")
 flags.DEFINE_integer("embed", 256, "Embedding width.")
@@ -41,7 +43,8 @@ flags.DEFINE_integer("rounds", 5, "Interleaved rounds; the median is reported.")
 flags.DEFINE_integer("warmup", 3, "Untimed calls per implementation before the rounds.")
 flags.DEFINE_string("peers", "torch,flax", "Comma list of peers (torch, flax); missing: skipped.")
 flags.DEFINE_string("seq_sweep", "32,64,256,1024", "Sequence lengths of the jaxrnn lstm sweep.")
-flags.DEFINE_string("device", "cpu", "JAX platform: cpu, gpu (CUDA) or tpu; torch follows gpu to cuda.")
+flags.DEFINE_string("device", "cpu",
+                    "JAX platform: cpu, gpu (CUDA) or tpu; torch follows gpu to cuda.")
 flags.DEFINE_bool("quick", False, "Tiny sizes for the test suite; flags given explicitly win.")
 flags.DEFINE_string("out", "bench.json", "Where to write the results as JSON.")
 flags.DEFINE_string("impls", "", "Comma list of config.model.impl values; '': the default.")
@@ -51,8 +54,8 @@ FLAGS = flags.FLAGS
 
 _QUICK = {"hidden": 32, "embed": 16, "batch": 4, "seq": 8, "steps": 2, "rounds": 2, "warmup": 1,
           "seq_sweep": "8,16"}
-_CELLS = {"rnn": (1, "RNN", "SimpleCell"), "gru": (3, "GRU", "GRUCell"),
-          "lstm": (4, "LSTM", "OptimizedLSTMCell")}  # gates, torch.nn class, flax.linen cell
+_PEER_CELLS = {"rnn": ("RNN", "SimpleCell"), "gru": ("GRU", "GRUCell"),
+               "lstm": ("LSTM", "OptimizedLSTMCell")}  # torch.nn class, flax.linen cell
 _LANES, _CHUNK = 16, 256  # evaluation batch
 _SAMPLES, _PREFIX, _LENGTH = 4, 100, 500
 _MEMORY_SEQS = (64, 1024)
@@ -64,16 +67,24 @@ def _split(text: str) -> list[str]:
   return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def _cell_spec(spec: str) -> tuple[str, int]:
+  """"gru" -> ("gru", --hidden); "mingru:920" -> ("mingru", 920), e.g. to match parameter counts."""
+  cell, _, hidden = spec.partition(":")
+  if hidden and not hidden.isdigit():
+    raise UserError(f"--cells entry {spec!r}: expected a cell name or cell:hidden, e.g. mingru:920")
+  return cell, int(hidden or FLAGS.hidden)
+
+
 def _tokens(rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
   """(inputs, targets)<int32>[rows, length], random with a fixed seed, targets shifted by one."""
   ids = np.random.default_rng(0).integers(0, FLAGS.vocab, (rows, length + 1), dtype=np.int32)
   return ids[:, :-1], ids[:, 1:]
 
 
-def _config(cell: str, impl: str | None) -> Any:
+def _config(cell: str, impl: str | None, hidden: int) -> Any:
   """configs/default.py with the benchmark's model, batch and optimizer."""
   config = default.get_config()
-  config.model.update(cell=cell, num_layers=FLAGS.layers, hidden_size=FLAGS.hidden,
+  config.model.update(cell=cell, num_layers=FLAGS.layers, hidden_size=hidden,
                       embed_dim=FLAGS.embed, one_hot=False, dropout=0.0,
                       compute_dtype=FLAGS.compute_dtype)
   if impl:
@@ -85,20 +96,20 @@ def _config(cell: str, impl: str | None) -> Any:
 
 
 @functools.cache
-def _train_step(cell: str, impl: str | None) -> tuple[Any, Callable, Callable]:
+def _train_step(cell: str, impl: str | None, hidden: int) -> tuple[Any, Callable, Callable]:
   """(config, state init, jitted train_step donating the state) of one jaxrnn model."""
   # Cached so that timing, sweep and memory share one compilation wherever shapes agree.
-  config = _config(cell, impl)
+  config = _config(cell, impl, hidden)
   tx = train.make_optimizer(config.train)
   init = lambda: train.create_train_state(config, FLAGS.vocab, tx)
   step = functools.partial(train.train_step, config=config, tx=tx)
   return config, init, jax.jit(step, donate_argnums=(0,))
 
 
-def _jaxrnn(cell: str, data: Data, impl: str | None = None) -> Fns:
+def _jaxrnn(cell: str, hidden: int, data: Data, impl: str | None = None) -> Fns:
   """jaxrnn's own train_step, eval_step and sample.generate."""
   x, y = map(jnp.asarray, data["train"])
-  config, init, step = _train_step(cell, impl)
+  config, init, step = _train_step(cell, impl, hidden)
   evaluate = jax.jit(functools.partial(train.eval_step, config=config))
   lanes = dict(zip(("inputs", "targets"), map(jnp.asarray, data["eval"])))
   lanes["mask"] = jnp.ones(lanes["inputs"].shape, jnp.float32)
@@ -123,7 +134,7 @@ def _jaxrnn(cell: str, data: Data, impl: str | None = None) -> Fns:
   return {"train": train_fn, "eval": eval_fn, "sample": sample_fn}
 
 
-def _torch(cell: str, data: Data) -> Fns:
+def _torch(cell: str, hidden: int, data: Data) -> Fns:
   """nn.Embedding + nn.RNN/GRU/LSTM + nn.Linear; eager training, a char-rnn style sampler."""
   import torch
   torch.set_num_threads(os.cpu_count())
@@ -132,9 +143,9 @@ def _torch(cell: str, data: Data) -> Fns:
   dev = torch.device("cuda" if gpu else "cpu")
   sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
   embed = torch.nn.Embedding(FLAGS.vocab, FLAGS.embed)
-  rnn = getattr(torch.nn, _CELLS[cell][1])(FLAGS.embed, FLAGS.hidden, num_layers=FLAGS.layers,
-                                           batch_first=True)
-  head = torch.nn.Linear(FLAGS.hidden, FLAGS.vocab)
+  rnn = getattr(torch.nn, _PEER_CELLS[cell][0])(FLAGS.embed, hidden,
+                                                num_layers=FLAGS.layers, batch_first=True)
+  head = torch.nn.Linear(hidden, FLAGS.vocab)
   net = torch.nn.ModuleList([embed, rnn, head]).to(dev)
   opt = torch.optim.Adam(net.parameters(), lr=3e-3)
   x, y, ex, _ = (torch.from_numpy(a).long().to(dev) for a in (*data["train"], *data["eval"]))
@@ -173,24 +184,24 @@ def _torch(cell: str, data: Data) -> Fns:
   return {"train": train_fn, "eval": eval_fn, "sample": sample_fn}
 
 
-def _flax(cell: str, data: Data) -> Fns:
+def _flax(cell: str, hidden: int, data: Data) -> Fns:
   """flax.linen nn.RNN over stacked cells between an Embed and a Dense head; jitted optax step."""
   import flax.linen as nn
   import optax
-  cell_cls = getattr(nn, _CELLS[cell][2])
+  cell_cls = getattr(nn, _PEER_CELLS[cell][1])
 
   class LM(nn.Module):
     @nn.compact
     def __call__(self, tokens, carries):
       xs, new = nn.Embed(FLAGS.vocab, FLAGS.embed)(tokens), []
       for c in carries:
-        c, xs = nn.RNN(cell_cls(FLAGS.hidden), return_carry=True)(xs, initial_carry=c)
+        c, xs = nn.RNN(cell_cls(hidden), return_carry=True)(xs, initial_carry=c)
         new.append(c)
       return new, nn.Dense(FLAGS.vocab)(xs)
 
-  zeros = lambda rows: [cell_cls(FLAGS.hidden, parent=None).initialize_carry(
+  zeros = lambda rows: [cell_cls(hidden, parent=None).initialize_carry(
       jax.random.key(0), (rows, 1))] * FLAGS.layers
-  lm, tx = LM(), train.make_optimizer(_config(cell, None).train)
+  lm, tx = LM(), train.make_optimizer(_config(cell, None, hidden).train)
   x, y, ex, _ = map(jnp.asarray, (*data["train"], *data["eval"]))
   train_zeros, carry = zeros(x.shape[0]), [zeros(ex.shape[0])]
   params = lm.init(jax.random.key(0), x, train_zeros)
@@ -238,16 +249,21 @@ def _timed(fns: dict[str, Callable[[], int]], calls: int, warmup: int, unit: str
           for name, r in rounds.items()}
 
 
-def _forward_flops_per_token(cell: str) -> float:
-  """Matrix-product FLOPs of one token's forward pass: each layer's two products, then the head."""
-  g, h = _CELLS[cell][0], FLAGS.hidden
-  layers = sum(2 * ((FLAGS.embed if i == 0 else h) + h) * g * h for i in range(FLAGS.layers))
-  return layers + 2 * h * FLAGS.vocab
+def _forward_flops_per_token(cell: str, hidden: int) -> float:
+  """Matrix-product FLOPs of one token's forward pass: 2 per entry of every weight matrix.
+
+  The embedding is a lookup, and vector weights (indrnn's recurrence, layer-norm gains) are
+  elementwise, so neither counts.
+  """
+  config = _config(cell, None, hidden)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), config.model, FLAGS.vocab))
+  del shapes["embed"]
+  return sum(2 * a.size for a in jax.tree.leaves(shapes) if a.ndim == 2)
 
 
 def _memory_mib(cell: str, seq: int, impl: str | None) -> float | None:
   """Compiled temp + argument + output MiB of the jaxrnn training step (compiled, never run)."""
-  config, init, step = _train_step(cell, impl)
+  config, init, step = _train_step(cell, impl, FLAGS.hidden)
   state = jax.eval_shape(init)
   carry = jax.eval_shape(lambda: model.initial_carry(config.model, FLAGS.batch))
   tokens = jax.ShapeDtypeStruct((FLAGS.batch, seq), jnp.int32)
@@ -300,7 +316,7 @@ def _print(out: dict[str, Any]) -> None:
   print(f"machine: {m['device']}, {m['cores']} cores, {m['platform']} | jax {m['jax']}, "
         f"torch {m['torch']}, flax {m['flax']}")
   print(f"peak: {peak:.1f} GFLOP/s fp32 = {out['peak']['how']}" if peak else "peak: n/a")
-  print(f"{'cell':5} {'measure':12} {'impl':16} {'median':>12} {'unit':6} {'jaxrnn/x':>8} "
+  print(f"{'cell':11} {'measure':12} {'impl':16} {'median':>12} {'unit':6} {'jaxrnn/x':>8} "
         f"{'GFLOP/s':>8} %peak")
   rows = [(cell, measure, impl, r) for cell, measures in out["results"].items()
           for measure, by_impl in measures.items() for impl, r in by_impl.items()]
@@ -313,7 +329,7 @@ def _print(out: dict[str, Any]) -> None:
     flops = f"{r['gflops']:8.2f}" if r.get("gflops") else ""
     flops += f" {100 * r['gflops'] / peak:5.1f}" if r.get("gflops") and peak else ""
     median = "n/a" if r["median"] is None else f"{r['median']:,.1f}"
-    print(f"{cell:5} {measure:12} {impl:16} {median:>12} {r['unit']:6} {ratio} {flops}".rstrip())
+    print(f"{cell:11} {measure:12} {impl:16} {median:>12} {r['unit']:6} {ratio} {flops}".rstrip())
 
 
 def main(argv: list[str]) -> None:
@@ -336,22 +352,23 @@ def main(argv: list[str]) -> None:
   machine, peak = _machine()
   results, sweep = {}, {}
   try:
-    for cell in _split(FLAGS.cells):
-      fns = {row: _jaxrnn(cell, data, impl) for row, impl in rows.items()}
-      fns.update({name: _PEERS[name](cell, data) for name in peers})
-      per_token = _forward_flops_per_token(cell)
+    for spec in _split(FLAGS.cells):
+      cell, hidden = _cell_spec(spec)
+      fns = {row: _jaxrnn(cell, hidden, data, impl) for row, impl in rows.items()}
+      fns.update({name: _PEERS[name](cell, hidden, data) for name in peers if cell in _PEER_CELLS})
+      per_token = _forward_flops_per_token(cell, hidden)
       pick = lambda measure: {name: f[measure] for name, f in fns.items() if measure in f}
-      results[cell] = {
+      results[spec] = {
           "train": _timed(pick("train"), FLAGS.steps, FLAGS.warmup, "tok/s", 3 * per_token),
           "eval": _timed(pick("eval"), FLAGS.steps, FLAGS.warmup, "tok/s", per_token),
           "sample": _timed(pick("sample"), 1, 1, "char/s")}
     memory = {row: {str(t): _memory_mib("lstm", t, impl) for t in _MEMORY_SEQS}
               for row, impl in rows.items()}
     for row, impl in rows.items() if _split(FLAGS.seq_sweep) else ():
-      fns = {t: _jaxrnn("lstm", {**data, "train": _tokens(FLAGS.batch, int(t))}, impl)["train"]
-             for t in _split(FLAGS.seq_sweep)}
+      fns = {t: _jaxrnn("lstm", FLAGS.hidden, {**data, "train": _tokens(FLAGS.batch, int(t))},
+                        impl)["train"] for t in _split(FLAGS.seq_sweep)}
       sweep[row] = _timed(fns, FLAGS.steps, FLAGS.warmup, "tok/s",
-                          3 * _forward_flops_per_token("lstm"))
+                          3 * _forward_flops_per_token("lstm", FLAGS.hidden))
       for r in sweep[row].values():
         del r["ratio"]  # one seq over another is no comparison of implementations
   except UserError as e:
