@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.one_hot = False  # feed one-hot tokens instead of an embedding (embed_dim unused)
   config.model.dropout = 0.0  # on embeddings, between layers and before the head (train only)
   config.model.unroll = 1  # lax.scan unroll factor
-  config.model.impl = "fused"  # "fused": custom-VJP recurrence (faster); "scan": plain autodiff
+  # "fused": custom-VJP recurrence, parallel scan for mingru/minlstm; "scan": plain sequential scan
+  config.model.impl = "fused"
   config.model.compute_dtype = "float32"  # matrix-product operands: float32 or bfloat16
   config.model.nonlinearity = "tanh"  # rnn cell only: tanh or relu
   config.model.forget_bias = 0.0  # lstm and lnlstm cells: added to the forget-gate bias at init

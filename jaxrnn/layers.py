@@ -24,17 +24,17 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *,
   """Runs `cell` over xs<float>[b, t, d] -> (final carry, ys<float>[b, t, h]).
 
   reset<bool>[b, t], optional: where True, the carry is zeroed (the initial carry) before that
-  step, e.g. at a document boundary. `unroll` is passed to `lax.scan`. A cell with `log_linear`
-  runs as a parallel scan (`linear_scan`) over more than one step; one step (sampling) is a
-  plain `recur`. Otherwise impl "fused" (used for cells with a `core` and no resets) has a
-  custom VJP whose backward loop does only the recurrent product, with dW_hh taken afterwards
-  as one matrix product over all steps; "scan" differentiates the plain scan. Both compute
-  the same values and gradients.
+  step, e.g. at a document boundary. `unroll` is passed to `lax.scan`. With impl "fused", a
+  cell with `log_linear` runs as a parallel scan (`linear_scan`) over more than one step, and a
+  cell with a `core` (and no resets) has a custom VJP whose backward loop does only the
+  recurrent product, with dW_hh taken afterwards as one matrix product over all steps. "scan"
+  differentiates the plain scan of `recur` for every cell (the sequential mode; on a CPU it
+  beats the parallel scan). Both compute the same values and gradients.
   """
   if impl not in IMPLS:
     raise UserError(f"model.impl must be one of {', '.join(IMPLS)}, got {impl!r}")
   gx = cell.project(params, jnp.swapaxes(xs, 0, 1))  # [t, b, g]: one product for all steps
-  if cell.log_linear is not None and gx.shape[0] > 1:
+  if impl == "fused" and cell.log_linear is not None and gx.shape[0] > 1:
     hs = linear_scan(*cell.log_linear(gx), carry,
                      None if reset is None else jnp.swapaxes(reset, 0, 1))
     return hs[-1], jnp.swapaxes(hs, 0, 1)
