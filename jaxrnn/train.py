@@ -13,6 +13,8 @@ import functools
 import json
 import math
 import pathlib
+import platform
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -337,9 +339,33 @@ def _write_run_files(workdir: pathlib.Path, config: Config, vocab: data.Vocab,
   (workdir / "config.json").write_text(config.to_json(indent=2))
   (workdir / "vocab.json").write_text(vocab.to_json())
   (workdir / "run.json").write_text(json.dumps({
-      "jaxrnn": __version__, "jax": jax.__version__, "jaxlib": jax.lib.__version__,
-      "device_kind": devs.local[0].device_kind, "devices": devs.count,
-      "processes": devs.process_count}))
+      "jaxrnn": __version__, "git_commit": git_commit(), "jax": jax.__version__,
+      "jaxlib": jax.lib.__version__, "device_kind": devs.local[0].device_kind,
+      "devices": devs.count, "processes": devs.process_count, "cpu": _cpu_name()}))
+
+
+def git_commit() -> str | None:
+  """The commit of the jaxrnn checkout in use, with "+dirty" for uncommitted changes; None if
+  jaxrnn was installed from a wheel rather than run from a git checkout."""
+  root = pathlib.Path(__file__).resolve().parent.parent
+  if not (root / ".git").exists():
+    return None
+  git = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                     text=True, check=True, timeout=30).stdout.strip()
+  try:
+    head, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return head + ("+dirty" if changes else "")
+
+
+def _cpu_name() -> str:
+  """The host CPU's model name (device_kind says only "cpu"), for comparing runs' speed."""
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  names = [line.split(":", 1)[1].strip() for line in
+           (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+           if line.startswith("model name")]
+  return names[0] if names else platform.processor() or platform.machine()
 
 
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -30,7 +31,8 @@ def tiny_flags(corpus: str, workdir: pathlib.Path) -> list[str]:
 
 
 def test_train_writes_metrics_and_prints_final_json(corpus, tmp_path):
-  """A short run: metrics.jsonl rows with the documented fields, last stdout line is the result."""
+  """A short run: metrics.jsonl rows with the documented fields, last stdout line is the result,
+  run.json names the versions, the commit and the machine."""
   workdir = tmp_path / "run"
   proc = run_script("train.py", "--config", str(REPO / "configs" / "gru.py"),
                     *tiny_flags(corpus, workdir))
@@ -48,6 +50,14 @@ def test_train_writes_metrics_and_prints_final_json(corpus, tmp_path):
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["model"]["cell"] == "gru" and saved["train"]["steps"] == 12
   assert json.loads((workdir / "vocab.json").read_text())["level"] == "char"
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["jax"] == jax.__version__ and run["device_kind"] and run["devices"] == 1 and run["cpu"]
+  git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                       text=True)
+  if (REPO / ".git").exists() and git.returncode == 0:  # a checkout: the commit it runs from
+    assert run["git_commit"].split("+")[0] == git.stdout.strip()
+  else:
+    assert run["git_commit"] is None
 
 
 def test_unknown_cell_lists_valid_cells_without_traceback(corpus, tmp_path):
@@ -103,7 +113,7 @@ def test_plot_draws_two_runs_and_refuses_an_empty_workdir(corpus, tmp_path):
 def test_classify_config_trains_and_eval_reads_the_test_split(tmp_path):
   """configs/classify_rt.py (shrunk): the last stdout line has val_accuracy; validation rows have
   accuracy and loss and no test rows are written; eval.py --split test prints accuracy and
-  loss."""
+  loss; sample.py refuses the run."""
   workdir = tmp_path / "run"
   proc = run_script("train.py", "--config", str(REPO / "configs" / "classify_rt.py"),
                     f"--workdir={workdir}", "--config.model.hidden_size=8",
@@ -122,3 +132,6 @@ def test_classify_config_trains_and_eval_reads_the_test_split(tmp_path):
   evaluated = json.loads(proc.stdout)
   assert evaluated["split"] == "test" and evaluated["examples"] == 1066
   assert 0.0 <= evaluated["accuracy"] <= 1.0 and evaluated["loss"] > 0
+  refused = run_script("sample.py", f"--workdir={workdir}")
+  assert refused.returncode == 2 and "sampling needs a language model" in refused.stderr
+  assert "Traceback" not in refused.stderr
