@@ -180,11 +180,18 @@ def decode(raw: bytes, encoding: str = "utf-8", origin: str = "corpus") -> str:
                     "convert it first, e.g. `iconv -f cp1252 -t utf-8`") from None
 
 
-def split_text(text: str, val_frac: float, test_frac: float) -> dict[str, str]:
-  """Contiguous train/val/test: the first 1 - val - test of the text, then val, then test."""
+def _fractions(corpus: Corpus, config: Any) -> tuple[float, float]:
+  """(val, test) fractions: the config's where set, else the corpus'."""
+  val_frac = corpus.fractions[0] if config.val_frac is None else config.val_frac
+  test_frac = corpus.fractions[1] if config.test_frac is None else config.test_frac
   if not (0.0 <= val_frac < 1 and 0.0 <= test_frac < 1 and val_frac + test_frac < 1):
     raise UserError(f"split fractions val={val_frac}, test={test_frac} must be in [0, 1) with "
                     "val + test < 1")
+  return val_frac, test_frac
+
+
+def split_text(text: str, val_frac: float, test_frac: float) -> dict[str, str]:
+  """Contiguous train/val/test: the first 1 - val - test of the text, then val, then test."""
   n = len(text)
   # Floor of the train fraction, as nanoGPT's `int(n * 0.9)`; the epsilon absorbs float error.
   val_start = math.floor(n * (1.0 - val_frac - test_frac) + 1e-6)
@@ -209,10 +216,7 @@ def load_splits(config: Any) -> tuple[dict[str, str], str]:
   level = config.tokens or corpus.tokens
   if len(texts) == 3:
     return dict(zip(("train", "val", "test"), texts)), level
-  val_frac, test_frac = corpus.fractions
-  val_frac = val_frac if config.val_frac is None else config.val_frac
-  test_frac = test_frac if config.test_frac is None else config.test_frac
-  return split_text(texts[0], val_frac, test_frac), level
+  return split_text(texts[0], *_fractions(corpus, config)), level
 
 
 def _words(text: str) -> list[str]:
@@ -375,13 +379,6 @@ def eval_chunks(ids: np.ndarray, lanes: int, chunk_len: int) -> Iterator[dict[st
     yield {"inputs": grid[0][:, cols], "targets": grid[1][:, cols], "mask": mask[:, cols]}
 
 
-def _fractions(corpus: Corpus, config: Any) -> tuple[float, float]:
-  """(val, test) fractions: the config's where set, else the corpus'."""
-  val_frac, test_frac = corpus.fractions
-  return (val_frac if config.val_frac is None else config.val_frac,
-          test_frac if config.test_frac is None else config.test_frac)
-
-
 Sentences = tuple[list[list[str]], np.ndarray]  # (sentences as word lists, labels<int32>[n])
 
 
@@ -406,9 +403,6 @@ def load_sentences(config: Any) -> tuple[dict[str, Sentences], tuple[str, ...]]:
     sentences += lines
     labels += [label] * len(lines)
   val_frac, test_frac = _fractions(corpus, config)
-  if not (0.0 <= val_frac < 1 and 0.0 <= test_frac < 1 and val_frac + test_frac < 1):
-    raise UserError(f"split fractions val={val_frac}, test={test_frac} must be in [0, 1) with "
-                    "val + test < 1")
   n = len(sentences)
   order = np.random.default_rng(config.split_seed).permutation(n)
   n_test, n_val = round(n * test_frac), round(n * val_frac)

@@ -144,8 +144,8 @@ def apply_classifier(params: dict[str, Any], tokens: jax.Array, lengths: jax.Arr
   carries = [(zeros, zeros) if config.bidirectional else zeros] * config.num_layers
   x = layers.dropout(params["embed"][tokens], config.dropout, k_in)
   _, ys = layers.run_stack(cell, params["layers"], carries, x, dropout_rate=config.dropout,
-                           rng=k_stack, unroll=config.unroll, bidirectional=config.bidirectional,
-                           lengths=lengths)
+                           rng=k_stack, unroll=config.unroll, impl=config.get("impl", "fused"),
+                           bidirectional=config.bidirectional, lengths=lengths)
   features = _pool(ys, lengths, config.pooling, config.bidirectional)
   features = layers.dropout(features, config.dropout, k_out)
   return features @ params["head"]["w"] + params["head"]["b"]

@@ -341,7 +341,7 @@ def _write_run_files(workdir: pathlib.Path, config: Config, vocab: data.Vocab,
   (workdir / "run.json").write_text(json.dumps({
       "jaxrnn": __version__, "git_commit": git_commit(), "jax": jax.__version__,
       "jaxlib": jax.lib.__version__, "device_kind": devs.local[0].device_kind,
-      "devices": devs.count, "processes": devs.process_count, "cpu": _cpu_name()}))
+      "devices": devs.count, "processes": devs.process_count, "cpu": cpu_name()}))
 
 
 def git_commit() -> str | None:
@@ -359,7 +359,7 @@ def git_commit() -> str | None:
   return head + ("+dirty" if changes else "")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
   """The host CPU's model name (device_kind says only "cpu"), for comparing runs' speed."""
   cpuinfo = pathlib.Path("/proc/cpuinfo")
   names = [line.split(":", 1)[1].strip() for line in

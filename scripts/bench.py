@@ -289,8 +289,7 @@ def _machine() -> tuple[dict[str, Any], dict[str, Any]]:
   cores = int(_field(lscpu, "Core(s) per socket") or 0) * int(_field(lscpu, "Socket(s)") or 0)
   cores = cores or os.cpu_count()
   dev = jax.devices()[0]
-  name = _field(lscpu, "Model name") or _field(cpuinfo, "model name")
-  machine = {"device": dev.device_kind if dev.platform != "cpu" else name,
+  machine = {"device": dev.device_kind if dev.platform != "cpu" else train.cpu_name(),
              "platform": dev.platform, "cores": cores,
              **{p: importlib.util.find_spec(p) and importlib.metadata.version(p)
                 for p in ("jax", "torch", "flax")}}

@@ -24,9 +24,10 @@ def _label(workdir: pathlib.Path) -> str:
 
 def _rows(workdir: pathlib.Path) -> list[dict]:
   path = workdir / "metrics.jsonl"
-  if not path.is_file() or not path.read_text().strip():
+  lines = [l for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+  if not lines:
     raise ValueError(f"no metrics in {workdir}: expected {path} from scripts/train.py")
-  return [json.loads(line) for line in path.read_text().splitlines()]
+  return [json.loads(line) for line in lines]
 
 
 def main(argv: list[str]) -> None:
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> None:
   try:
     runs = {}
     for w in workdirs:
-      rows = _rows(w)
+      rows = _rows(w)  # first: a workdir without metrics is the error to report
       runs[_label(w)] = rows
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
