@@ -5,7 +5,8 @@
          training lane, and the data iterator's position;
   meta   JSON: the config, the vocabulary and the step, so a run restores from its workdir alone.
 Orbax writes each checkpoint into a temporary directory and renames it once complete, so a
-crash mid-save never leaves a partial checkpoint behind as the latest one.
+crash mid-save never leaves a partial checkpoint behind as the latest one. `resume` continues
+a run in its workdir; `load_run` reads a run back for evaluation and sampling.
 """
 
 import json
@@ -16,11 +17,12 @@ import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxrnn import UserError, data
+from jaxrnn import UserError, config as config_lib, data
 
 # Config fields that change the shape of the params, the optimizer state or the carried state:
 # a resumed run must keep them.
@@ -115,27 +117,53 @@ def read_meta(mngr: ocp.CheckpointManager, step: int | str = "latest") -> dict[s
 
 
 def config_and_vocab(meta: dict[str, Any]) -> tuple[ml_collections.ConfigDict, data.Vocab]:
-  """The run's config and vocabulary from a checkpoint's meta item."""
-  return (ml_collections.ConfigDict(meta["config"]),
+  """The run's config (merged onto today's defaults) and vocabulary from a checkpoint's meta."""
+  return (config_lib.from_saved(meta["config"]),
           data.Vocab.from_json(json.dumps(meta["vocab"])))
 
 
-def check_compatible(saved: dict[str, Any], config: Any) -> None:
-  """Refuses to resume with a config that changes any of FROZEN_FIELDS, naming the field.
-
-  A field the saved config lacks is newer than the checkpoint, whose run had its default.
-  """
+def check_compatible(saved: ml_collections.ConfigDict, config: Any) -> None:
+  """Refuses to resume with a config that changes any of FROZEN_FIELDS, naming the field."""
   for field in FROZEN_FIELDS:
-    *sections, name = field.split(".")
-    saved_part, part = saved, config
-    for section in sections:
-      saved_part, part = saved_part[section], part[section]
-    if name not in saved_part:
-      continue
-    before, now = saved_part[name], part[name]
+    before, now = config_lib.field(saved, field), config_lib.field(config, field)
     if before != now:
       raise UserError(f"{field} is {now!r} but the checkpoint in this workdir was trained with "
                       f"{before!r}; keep it, or use a new --workdir")
+
+
+def resume(mngr: ocp.CheckpointManager, state: Any, carry: Any, config: Any,
+           vocab: data.Vocab) -> tuple[Any, Any, int]:
+  """(state, carry, data position) of the latest readable checkpoint; the inputs and 0 if none.
+
+  Refuses a config or vocabulary the checkpoint was not trained with.
+  """
+  if mngr.latest_step() is None:
+    return state, carry, 0
+  saved_config, saved_vocab = config_and_vocab(read_meta(mngr))
+  check_compatible(saved_config, config)
+  if saved_vocab.tokens != vocab.tokens:
+    raise UserError("the corpus' vocabulary differs from the one this workdir's checkpoint was "
+                    "trained with; use the same corpus, or a new --workdir")
+  state, carry, meta = restore(mngr, state, carry)
+  _warn(f"resuming from the checkpoint at step {meta['step']}")
+  return state, carry, meta["position"]
+
+
+def load_run(workdir: str | os.PathLike, step: int | str = "latest"
+             ) -> tuple[ml_collections.ConfigDict, data.Vocab, Any, int]:
+  """(config, vocab, params, step) of a saved run, from its workdir alone.
+
+  The whole checkpoint is read (so damage anywhere in it is found, and with step 'latest' the
+  next older one is tried), in the structure it was saved in; the params are returned.
+  """
+  if not pathlib.Path(workdir, "checkpoints").is_dir():
+    raise UserError(f"no checkpoints in {workdir}: not a jaxrnn workdir, or it never saved one")
+  mngr = manager(workdir)
+  restored = _first_readable(mngr, step, ocp.args.Composite(
+      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  config, vocab = config_and_vocab(restored["meta"])
+  params = jax.tree.map(jnp.asarray, restored["state"]["train"]["params"])
+  return config, vocab, params, restored["meta"]["step"]
 
 
 class Preemption:

@@ -3,11 +3,11 @@
 A named corpus is looked for, file by file, in `$JAXRNN_DATA_DIR`, then in the cache
 (`$JAXRNN_CACHE_DIR`, default `~/.cache/jaxrnn`), then downloaded into the cache with its
 checksum checked and an atomic rename. `data.corpus` may also be a path to a UTF-8 text file.
-Labelled sentence corpora (one file per class, one sentence per line) feed the classifier.
-Token ids are int32; batches are batch-major <int>[b, t].
+Labelled sentence corpora (one file per class) are registered here too; reading them into
+sentences is the classifier's (`tasks/classify.py`). Token ids are int32; batches are
+batch-major <int>[b, t], and training iterators yield (reset, batch) pairs.
 """
 
-import collections
 import dataclasses
 import functools
 import hashlib
@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxrnn import UserError
 
+Batch = tuple[bool, dict[str, np.ndarray]]  # (reset: start from a zero carry, arrays<b, ...>)
 UNK = "<unk>"
 EOS = "<eos>"
 PAD = "<pad>"
@@ -180,10 +181,10 @@ def decode(raw: bytes, encoding: str = "utf-8", origin: str = "corpus") -> str:
                     "convert it first, e.g. `iconv -f cp1252 -t utf-8`") from None
 
 
-def _fractions(corpus: Corpus, config: Any) -> tuple[float, float]:
-  """(val, test) fractions: the config's where set, else the corpus'."""
-  val_frac = corpus.fractions[0] if config.val_frac is None else config.val_frac
-  test_frac = corpus.fractions[1] if config.test_frac is None else config.test_frac
+def fractions(corpus: Corpus, data_config: Any) -> tuple[float, float]:
+  """(val, test) fractions: `data_config`'s where set, else the corpus'."""
+  val_frac = corpus.fractions[0] if data_config.val_frac is None else data_config.val_frac
+  test_frac = corpus.fractions[1] if data_config.test_frac is None else data_config.test_frac
   if not (0.0 <= val_frac < 1 and 0.0 <= test_frac < 1 and val_frac + test_frac < 1):
     raise UserError(f"split fractions val={val_frac}, test={test_frac} must be in [0, 1) with "
                     "val + test < 1")
@@ -199,12 +200,11 @@ def split_text(text: str, val_frac: float, test_frac: float) -> dict[str, str]:
   return {"train": text[:val_start], "val": text[val_start:test_start], "test": text[test_start:]}
 
 
-def load_splits(config: Any) -> tuple[dict[str, str], str]:
-  """({'train', 'val', 'test'} texts, vocabulary level) for `config.corpus` (a name or a path)."""
-  name = config.corpus
+def load_splits(data_config: Any) -> tuple[dict[str, str], str]:
+  """({'train', 'val', 'test'} texts, vocabulary level) for `data_config.corpus`, a text
+  corpus' name or a path."""
+  name = data_config.corpus
   corpus = CORPORA.get(name)
-  if corpus is not None and corpus.classes:
-    raise UserError(f"corpus {name!r} is labelled sentences: use it with task=classify")
   if corpus is None:
     path = pathlib.Path(name).expanduser()
     if not path.is_file():
@@ -213,10 +213,10 @@ def load_splits(config: Any) -> tuple[dict[str, str], str]:
   else:
     paths = [locate(s) for s in corpus.sources]
   texts = [decode(p.read_bytes(), corpus.encoding, str(p)) for p in paths]
-  level = config.tokens or corpus.tokens
+  level = data_config.tokens or corpus.tokens
   if len(texts) == 3:
     return dict(zip(("train", "val", "test"), texts)), level
-  return split_text(texts[0], *_fractions(corpus, config)), level
+  return split_text(texts[0], *fractions(corpus, data_config)), level
 
 
 def _words(text: str) -> list[str]:
@@ -284,13 +284,13 @@ class Vocab:
 class SequentialBatches:
   """Truncated-BPTT batches: the stream cut into b contiguous lanes, read t columns at a time.
 
-  Batch k continues batch k - 1 in every lane, so the hidden state carries over; at the
-  end of an epoch the lanes start again from their beginnings and `reset` is True.
-  `position` (batches drawn) is the whole resumable state.
+  Yields (reset, {inputs, targets}<int>[b, t]). Batch k continues batch k - 1 in every lane,
+  so the hidden state carries over; at the end of an epoch the lanes start again from their
+  beginnings and `reset` is True. `position` (batches drawn) is the whole resumable state.
   """
 
   def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, position: int = 0):
-    _check_shape(batch_size, seq_len)
+    check_shape(batch_size, seq_len)
     lane_len = (len(ids) - 1) // batch_size
     if lane_len < seq_len:
       raise UserError(f"the training split ({len(ids)} tokens) is shorter than one batch "
@@ -302,57 +302,60 @@ class SequentialBatches:
     self.batches_per_epoch = lane_len // seq_len
     self.position = position
 
-  def __iter__(self) -> Iterator[dict[str, Any]]:
+  def __iter__(self) -> Iterator[Batch]:
     return self
 
-  def __next__(self) -> dict[str, Any]:
+  def __next__(self) -> Batch:
     k = self.position % self.batches_per_epoch
     self.position += 1
     cols = slice(k * self.seq_len, (k + 1) * self.seq_len)
-    return {"inputs": self.inputs[:, cols], "targets": self.targets[:, cols], "reset": k == 0}
+    return k == 0, {"inputs": self.inputs[:, cols], "targets": self.targets[:, cols]}
 
 
 class RandomWindows:
-  """Batches of b windows at random offsets, each with a fresh zero state (`reset` always True).
+  """Batches of b windows at random offsets, each from a fresh zero state (`reset` always True).
 
-  Window offsets for batch k come from `np.random.default_rng([seed, k])`, so `position`
-  alone resumes the stream.
+  Yields (True, {inputs, targets}<int>[b, t]). Window offsets for batch k come from
+  `np.random.default_rng([seed, k])`, so `position` alone resumes the stream.
   """
 
   def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, seed: int, position: int = 0):
-    _check_shape(batch_size, seq_len)
+    check_shape(batch_size, seq_len)
     if len(ids) < seq_len + 1:
       raise UserError(f"the training split ({len(ids)} tokens) is shorter than seq_len + 1 "
                       f"({seq_len + 1}): lower data.seq_len or use a longer corpus")
     self.ids, self.batch_size, self.seq_len, self.seed = ids, batch_size, seq_len, seed
     self.position = position
 
-  def __iter__(self) -> Iterator[dict[str, Any]]:
+  def __iter__(self) -> Iterator[Batch]:
     return self
 
-  def __next__(self) -> dict[str, Any]:
+  def __next__(self) -> Batch:
     rng = np.random.default_rng([self.seed, self.position])
     self.position += 1
     starts = rng.integers(0, len(self.ids) - self.seq_len, self.batch_size)
     window = starts[:, None] + np.arange(self.seq_len + 1)
     tokens = self.ids[window]
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "reset": True}
+    return True, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def _check_shape(batch_size: int, seq_len: int) -> None:
+def check_shape(batch_size: int, seq_len: int) -> None:
+  """Refuses a batch shape no iterator can fill."""
   if seq_len <= 0:
     raise UserError(f"data.seq_len must be positive, got {seq_len}")
   if batch_size <= 0:
     raise UserError(f"data.batch_size must be positive, got {batch_size}")
 
 
-def train_batches(ids: np.ndarray, config: Any, seed: int, position: int = 0):
-  """The training iterator named by `config.batching` ('sequential' or 'random')."""
-  if config.batching == "sequential":
-    return SequentialBatches(ids, config.batch_size, config.seq_len, position)
-  if config.batching == "random":
-    return RandomWindows(ids, config.batch_size, config.seq_len, seed, position)
-  raise UserError(f"data.batching must be 'sequential' or 'random', got {config.batching!r}")
+BATCHINGS = ("sequential", "random")
+
+
+def train_batches(ids: np.ndarray, data_config: Any, seed: int,
+                  position: int = 0) -> SequentialBatches | RandomWindows:
+  """The training iterator named by `data_config.batching` (one of BATCHINGS)."""
+  if data_config.batching == "sequential":
+    return SequentialBatches(ids, data_config.batch_size, data_config.seq_len, position)
+  return RandomWindows(ids, data_config.batch_size, data_config.seq_len, seed, position)
 
 
 def eval_chunks(ids: np.ndarray, lanes: int, chunk_len: int) -> Iterator[dict[str, np.ndarray]]:
@@ -377,106 +380,3 @@ def eval_chunks(ids: np.ndarray, lanes: int, chunk_len: int) -> Iterator[dict[st
   for start in range(0, padded, chunk_len):
     cols = slice(start, start + chunk_len)
     yield {"inputs": grid[0][:, cols], "targets": grid[1][:, cols], "mask": mask[:, cols]}
-
-
-Sentences = tuple[list[list[str]], np.ndarray]  # (sentences as word lists, labels<int32>[n])
-
-
-def load_sentences(config: Any) -> tuple[dict[str, Sentences], tuple[str, ...]]:
-  """({'train', 'val', 'test'}: (word lists, labels)), class names) of a labelled sentence corpus.
-
-  Each source file holds one class, one sentence per line, words separated by whitespace.
-  The split is a shuffle seeded by `config.split_seed`, then the test and validation
-  fractions are cut off its front: fixed for a given seed whatever the training seed.
-  """
-  corpus = CORPORA.get(config.corpus)
-  if corpus is None or not corpus.classes:
-    labelled = ", ".join(n for n, c in CORPORA.items() if c.classes)
-    raise UserError(f"task=classify needs a labelled sentence corpus ({labelled}), got "
-                    f"data.corpus={config.corpus!r}")
-  sentences, labels = [], []
-  for label, source in enumerate(corpus.sources):
-    path = locate(source)
-    text = decode(path.read_bytes(), corpus.encoding, str(path))
-    # '\n' only: str.splitlines() also breaks lines at U+0085, U+2028 and other characters.
-    lines = [words for line in text.split("\n") if (words := line.split())]
-    sentences += lines
-    labels += [label] * len(lines)
-  val_frac, test_frac = _fractions(corpus, config)
-  n = len(sentences)
-  order = np.random.default_rng(config.split_seed).permutation(n)
-  n_test, n_val = round(n * test_frac), round(n * val_frac)
-  parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val],
-           "train": order[n_test + n_val:]}
-  labels = np.asarray(labels, np.int32)
-  return {k: ([sentences[i] for i in rows], labels[rows]) for k, rows in parts.items()}, corpus.classes
-
-
-def word_vocab(sentences: list[list[str]], max_size: int = 0) -> Vocab:
-  """`<pad>` (id 0), the most frequent words (ties in alphabetical order), `<unk>`: at most
-  `max_size` tokens in all; 0 keeps every word."""
-  if max_size and max_size < 3:
-    raise UserError(f"data.max_vocab must be 0 (no cap) or >= 3, got {max_size}")
-  counts = collections.Counter(w for words in sentences for w in words)
-  words = sorted(set(counts) - {PAD, UNK}, key=lambda w: (-counts[w], w))
-  return Vocab((PAD, *words[:max_size - 2 if max_size else None], UNK), "word")
-
-
-def encode_sentences(split: Sentences, vocab: Vocab, seq_len: int) -> dict[str, np.ndarray]:
-  """{inputs<int32>[n, t], lengths<int32>[n], targets<int32>[n]} with t = seq_len.
-
-  Each sentence's first t word ids, then `<pad>` (id 0); unknown words are `<unk>`.
-  """
-  _check_shape(1, seq_len)
-  sentences, labels = split
-  inputs = np.zeros((len(sentences), seq_len), np.int32)
-  lengths = np.zeros(len(sentences), np.int32)
-  for row, words in enumerate(sentences):
-    ids = [vocab._index.get(w, vocab.unk_id) for w in words[:seq_len]]
-    inputs[row, :len(ids)] = ids
-    lengths[row] = len(ids)
-  return {"inputs": inputs, "lengths": lengths, "targets": np.asarray(labels, np.int32)}
-
-
-class SentenceBatches:
-  """Shuffled batches of b encoded sentences (`encode_sentences`), each from a zero state.
-
-  Epoch e reads the sentences in the order `np.random.default_rng([seed, e]).permutation(n)`,
-  leaving its last n mod b out, so `position` (batches drawn) is the whole resumable state.
-  `reset` is always True: nothing is carried from one batch to the next.
-  """
-
-  def __init__(self, split: dict[str, np.ndarray], batch_size: int, seed: int, position: int = 0):
-    _check_shape(batch_size, 1)
-    n = len(split["targets"])
-    if n < batch_size:
-      raise UserError(f"the training split has {n} sentences, fewer than data.batch_size "
-                      f"({batch_size}): lower data.batch_size")
-    self.split, self.batch_size, self.seed, self.position = split, batch_size, seed, position
-    self.batches_per_epoch = n // batch_size
-
-  def __iter__(self) -> Iterator[dict[str, Any]]:
-    return self
-
-  def __next__(self) -> dict[str, Any]:
-    epoch, k = divmod(self.position, self.batches_per_epoch)
-    self.position += 1
-    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.split["targets"]))
-    rows = order[k * self.batch_size:(k + 1) * self.batch_size]
-    return {**{key: value[rows] for key, value in self.split.items()}, "reset": True}
-
-
-def sentence_chunks(split: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
-  """The whole split in order, `rows` sentences at a time, with mask<float32>[rows].
-
-  The last chunk is filled with one-word padding rows of mask 0, so shapes stay fixed and
-  padding is never counted.
-  """
-  n = len(split["targets"])
-  padded = -(-n // rows) * rows
-  filler = {"inputs": 0, "lengths": 1, "targets": 0}
-  grid = {k: np.concatenate([v, np.full((padded - n,) + v.shape[1:], filler[k], v.dtype)])
-          for k, v in split.items()}
-  mask = (np.arange(padded) < n).astype(np.float32)
-  for start in range(0, padded, rows):
-    yield {**{k: v[start:start + rows] for k, v in grid.items()}, "mask": mask[start:start + rows]}

@@ -1,55 +1,77 @@
-"""Running cells over time: `jax.lax.scan` with the input projection hoisted, stacks, dropout.
+"""Running cells over time: the recurrences, stacks, bidirectional layers, dropout.
 
-This is the only module that loops over time. Public functions take batch-major arrays
-(xs<float>[b, t, d]); inside, the scan runs time-major ([t, b, ...]). Cells whose step is
-linear in the state (`Cell.log_linear`) run as a parallel scan instead.
+This is the only module that loops over time, and `recurrence` is the one place that chooses
+how a cell runs for a given `model.impl`. Public functions take batch-major arrays
+(xs<float>[b, t, d]); inside, the recurrences run time-major ([t, b, ...]). Nothing here
+names a cell's parameters: a cell declares the structure a faster recurrence needs (`Cell`).
 """
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from jaxrnn import UserError
-from jaxrnn.cells import Carry, Cell, Params, hidden, matmul
-
+from jaxrnn.cells import Carry, Cell, Params, add_to_hidden, hidden, matmul
 
 IMPLS = ("fused", "scan")
 
+# (params, carry, gx<float>[t, b, g], unroll) -> (final carry, ys<float>[t, b, h])
+Recurrence = Callable[[Params, Carry, jax.Array, int], tuple[Carry, jax.Array]]
 
-def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *,
-        reset: jax.Array | None = None, unroll: int = 1,
-        impl: str = "fused") -> tuple[Carry, jax.Array]:
-  """Runs `cell` over xs<float>[b, t, d] -> (final carry, ys<float>[b, t, h]).
 
-  reset<bool>[b, t], optional: where True, the carry is zeroed (the initial carry) before that
-  step, e.g. at a document boundary. `unroll` is passed to `lax.scan`. With impl "fused", a
-  cell with `log_linear` runs as a parallel scan (`linear_scan`) over more than one step, and a
-  cell with a `core` (and no resets) has a custom VJP whose backward loop does only the
-  recurrent product, with dW_hh taken afterwards as one matrix product over all steps. "scan"
-  differentiates the plain scan of `recur` for every cell (the sequential mode; on a CPU it
-  beats the parallel scan). Both compute the same values and gradients.
+def recurrence(cell: Cell, impl: str, steps: int) -> Recurrence:
+  """How `cell` runs over `steps` time steps under `model.impl`; the same values and gradients.
+
+  | impl    | cell with `log_linear` (mingru, minlstm) | cell with `core` (rnn, gru, lstm) | other |
+  |---------|------------------------------------------|-----------------------------------|-------|
+  | "fused" | parallel scan (`linear_scan`), t > 1     | scan with a custom VJP (`_fused`) | scan  |
+  | "scan"  | scan of `recur`                          | scan of `recur`                   | scan  |
+
+  "fused" is the fastest XLA form on an accelerator; "scan" differentiates the plain
+  sequential scan (on a CPU it beats the parallel scan).
   """
   if impl not in IMPLS:
     raise UserError(f"model.impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+  if impl == "fused" and cell.log_linear is not None and steps > 1:
+    return functools.partial(_parallel, cell)
+  if impl == "fused" and cell.core is not None:
+    return functools.partial(_core_fused, cell)
+  return functools.partial(_scan, cell)
+
+
+def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *, unroll: int = 1,
+        impl: str = "fused") -> tuple[Carry, jax.Array]:
+  """Runs `cell` over xs<float>[b, t, d] -> (final carry, ys<float>[b, t, h]).
+
+  The input projection is one matrix product for all time steps, outside the loop; the
+  recurrence is `recurrence(cell, impl, t)`. `unroll` is passed to `lax.scan`.
+  """
   gx = cell.project(params, jnp.swapaxes(xs, 0, 1))  # [t, b, g]: one product for all steps
-  if impl == "fused" and cell.log_linear is not None and gx.shape[0] > 1:
-    hs = linear_scan(*cell.log_linear(gx), carry,
-                     None if reset is None else jnp.swapaxes(reset, 0, 1))
-    return hs[-1], jnp.swapaxes(hs, 0, 1)
-  if impl == "fused" and cell.core is not None and reset is None:
-    core_params = {k: v for k, v in params.items() if k not in ("w_ih", "w_hh", "b")}
-    carry, ys = _fused(cell.core, cell.dtype, unroll, params["w_hh"], core_params, carry, gx)
-  elif reset is None:
-    carry, ys = jax.lax.scan(lambda c, g: cell.recur(params, c, g), carry, gx, unroll=unroll)
-  else:
-    def body(c, inputs):
-      g, r = inputs
-      c = jax.tree.map(lambda a: jnp.where(r[:, None], jnp.zeros_like(a), a), c)
-      return cell.recur(params, c, g)
-    carry, ys = jax.lax.scan(body, carry, (gx, jnp.swapaxes(reset, 0, 1)), unroll=unroll)
+  carry, ys = recurrence(cell, impl, gx.shape[0])(params, carry, gx, unroll)
   return carry, jnp.swapaxes(ys, 0, 1)
+
+
+def _scan(cell: Cell, params: Params, carry: Carry, gx: jax.Array,
+          unroll: int) -> tuple[Carry, jax.Array]:
+  """`lax.scan` of `cell.recur`, differentiated as it stands."""
+  return jax.lax.scan(lambda c, g: cell.recur(params, c, g), carry, gx, unroll=unroll)
+
+
+def _parallel(cell: Cell, params: Params, carry: Carry, gx: jax.Array,
+              unroll: int) -> tuple[Carry, jax.Array]:
+  """A cell linear in its state, all steps composed at once by `linear_scan`."""
+  del params, unroll
+  hs = linear_scan(*cell.log_linear(gx), carry)
+  return hs[-1], hs
+
+
+def _core_fused(cell: Cell, params: Params, carry: Carry, gx: jax.Array,
+                unroll: int) -> tuple[Carry, jax.Array]:
+  """A `core` cell through `_fused`, reading the weights the cell names."""
+  reads = {k: params[k] for k in cell.core_reads}
+  return _fused(cell.core, cell.dtype, unroll, params[cell.recurrent_weight], reads, carry, gx)
 
 
 def _fused_forward(core, dtype, unroll, w_hh, core_params, carry, gx):
@@ -64,7 +86,11 @@ def _fused_forward(core, dtype, unroll, w_hh, core_params, carry, gx):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _fused(core, dtype, unroll, w_hh, core_params, carry, gx):
-  """A `core` cell over gx<[t, b, g]> from `carry` -> (carry, ys<[t, b, h]>)."""
+  """A `core` cell over gx<[t, b, g]> from `carry` -> (carry, ys<[t, b, h]>).
+
+  Its custom VJP's backward loop does only the recurrent product; dW_hh is taken afterwards
+  as one matrix product over all steps.
+  """
   return _fused_forward(core, dtype, unroll, w_hh, core_params, carry, gx)[0]
 
 
@@ -84,7 +110,7 @@ def _fused_bwd(core, dtype, unroll, residuals, cotangents):
     carry, g, gh, d_y = inputs
     _, vjp = jax.vjp(lambda p, c, g_, gh_: core(p, c, g_, gh_), core_params, carry, g, gh)
     dp, d_prev, d_g, d_gh = vjp((d_carry, d_y))
-    d_prev = _add_to_hidden(d_prev, matmul(d_gh, w_hh_t, dtype))
+    d_prev = add_to_hidden(d_prev, matmul(d_gh, w_hh_t, dtype))
     return (d_prev, jax.tree.map(jnp.add, d_core, dp)), (d_g, d_gh)
 
   zero_core = jax.tree.map(jnp.zeros_like, core_params)
@@ -96,18 +122,10 @@ def _fused_bwd(core, dtype, unroll, residuals, cotangents):
   return d_w_hh, d_core, d_carry0, d_gx
 
 
-def _add_to_hidden(d_carry: Carry, d_h: jax.Array) -> Carry:
-  """Adds d_h to the hidden-state entry of a carry cotangent (see `cells.hidden`)."""
-  if isinstance(d_carry, tuple):
-    return (d_carry[0] + d_h,) + tuple(d_carry[1:])
-  return d_carry + d_h
-
-
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def linear_scan(log_a: jax.Array, log_b: jax.Array, h0: jax.Array,
-                reset: jax.Array | None = None) -> jax.Array:
+def linear_scan(log_a: jax.Array, log_b: jax.Array, h0: jax.Array) -> jax.Array:
   """The states hs<float>[t, b, h] of h_t = a_t * h_{t-1} + b_t from h0<float>[b, h].
 
   log_a, log_b<float>[t, b, h] (b_t > 0). `jax.lax.associative_scan` composes the steps in
@@ -116,11 +134,7 @@ def linear_scan(log_a: jax.Array, log_b: jax.Array, h0: jax.Array,
   a_t underflows to 0 as it should, and no large cumulative sums are subtracted (the cumsum /
   logcumsumexp form of Feng et al. 2024's appendix loses precision that way on long
   sequences). h0 is added in linear space because a carried state may be negative.
-  reset<bool>[t, b]: a_t = 0 there, so that step starts from a zero state.
   """
-  if reset is not None:
-    log_a = jnp.where(reset[..., None], -jnp.inf, log_a)
-
   def compose(earlier, later):
     (a1, b1), (a2, b2) = earlier, later
     return a1 + a2, jnp.logaddexp(a2 + b1, b2)
@@ -179,24 +193,20 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 
 def run_stack(cell: Cell, layer_params: Sequence[Params], carries: Sequence[Carry], xs: jax.Array,
-              *, dropout_rate: float = 0.0, rng: jax.Array | None = None,
-              reset: jax.Array | None = None, unroll: int = 1, impl: str = "fused",
-              bidirectional: bool = False,
+              *, dropout_rate: float = 0.0, rng: jax.Array | None = None, unroll: int = 1,
+              impl: str = "fused", bidirectional: bool = False,
               lengths: jax.Array | None = None) -> tuple[list[Carry], jax.Array]:
   """Runs stacked layers over xs<float>[b, t, d] -> (carries, ys<float>[b, t, h]).
 
   Dropout is applied between layers (to the input of layers 2..n) when `rng` (one key, or
   keys<key>[b]) is given. `bidirectional` layers (`run_bidirectional`: params and carries per
   direction, ys<float>[b, t, 2h]) read each row's first lengths<int>[b] steps backwards (all t
-  steps when lengths is None); `reset` is for one direction only.
+  steps when lengths is None).
   """
-  if not bidirectional:
-    run_layer = functools.partial(run, reset=reset)
-  elif reset is None:
+  run_layer = run
+  if bidirectional:
     lengths = jnp.full(xs.shape[:1], xs.shape[1]) if lengths is None else lengths
     run_layer = functools.partial(run_bidirectional, lengths=lengths)
-  else:
-    raise ValueError("reset is not supported for bidirectional layers")
   n = len(layer_params)
   keys = split_rows(rng, n, xs.shape[0]) if rng is not None else [None] * n
   new_carries = []

@@ -29,16 +29,16 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("config", "length", "num_samples", "temperature",
-                                             "top_k", "top_p"))
-def _generate(params, prefix, rng, *, config, length, num_samples, temperature, top_k, top_p):
-  carry = model.initial_carry(config, num_samples)
+@functools.partial(jax.jit, static_argnames=("model_config", "length", "num_samples",
+                                             "temperature", "top_k", "top_p"))
+def _generate(params, prefix, rng, *, model_config, length, num_samples, temperature, top_k, top_p):
+  carry = model.initial_carry(model_config, num_samples)
   tokens = jnp.broadcast_to(prefix, (num_samples, prefix.shape[0]))
-  carry, _ = model.apply(params, carry, tokens[:, :-1], config=config)
+  carry, _ = model.apply(params, carry, tokens[:, :-1], model_config=model_config)
 
   def step(state, key):
     carry, token = state
-    carry, logits = model.apply(params, carry, token[:, None], config=config)
+    carry, logits = model.apply(params, carry, token[:, None], model_config=model_config)
     logits = logits[:, 0]
     if temperature == 0.0:
       token = jnp.argmax(logits, axis=-1)
@@ -50,7 +50,7 @@ def _generate(params, prefix, rng, *, config, length, num_samples, temperature, 
   return jnp.concatenate([tokens, generated.T], axis=1)
 
 
-def generate(params: Any, config: Any, prefix: jax.Array, length: int, *, seed: int = 0,
+def generate(params: Any, model_config: Any, prefix: jax.Array, length: int, *, seed: int = 0,
              num_samples: int = 1, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0) -> jax.Array:
   """Samples `num_samples` continuations of prefix<int>[p] -> tokens<int>[n, p + length].
@@ -63,6 +63,6 @@ def generate(params: Any, config: Any, prefix: jax.Array, length: int, *, seed: 
     raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, length >= 0, "
                     "num_samples >= 1")
   return _generate(params, jnp.asarray(prefix, jnp.int32), jax.random.key(seed),
-                   config=ml_collections.FrozenConfigDict(config), length=length,
+                   model_config=ml_collections.FrozenConfigDict(model_config), length=length,
                    num_samples=num_samples, temperature=float(temperature), top_k=int(top_k),
                    top_p=float(top_p))

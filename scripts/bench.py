@@ -28,7 +28,8 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from jaxrnn import UserError, cells, model, sample, train
+from jaxrnn import UserError, cells, model, provenance, sample, train
+from jaxrnn.tasks import lm
 
 flags.DEFINE_string("cells", ",".join(cells.names()),
                     "Comma list of cells to benchmark; cell:hidden sets its own hidden size.")
@@ -110,7 +111,7 @@ def _jaxrnn(cell: str, hidden: int, data: Data, impl: str | None = None) -> Fns:
   """jaxrnn's own train_step, eval_step and sample.generate."""
   x, y = map(jnp.asarray, data["train"])
   config, init, step = _train_step(cell, impl, hidden)
-  evaluate = jax.jit(functools.partial(train.eval_step, config=config))
+  evaluate = jax.jit(functools.partial(lm.eval_step, model_config=config.model))
   lanes = dict(zip(("inputs", "targets"), map(jnp.asarray, data["eval"])))
   lanes["mask"] = jnp.ones(lanes["inputs"].shape, jnp.float32)
   state = [init()]
@@ -289,7 +290,7 @@ def _machine() -> tuple[dict[str, Any], dict[str, Any]]:
   cores = int(_field(lscpu, "Core(s) per socket") or 0) * int(_field(lscpu, "Socket(s)") or 0)
   cores = cores or os.cpu_count()
   dev = jax.devices()[0]
-  machine = {"device": dev.device_kind if dev.platform != "cpu" else train.cpu_name(),
+  machine = {"device": dev.device_kind if dev.platform != "cpu" else provenance.cpu_name(),
              "platform": dev.platform, "cores": cores,
              **{p: importlib.util.find_spec(p) and importlib.metadata.version(p)
                 for p in ("jax", "torch", "flax")}}
@@ -342,9 +343,6 @@ def main(argv: list[str]) -> None:
   for name in set(_split(FLAGS.peers)) - set(peers):
     print(f"note: skipping peer {name!r}: unknown or not importable", file=sys.stderr)
   impls = _split(FLAGS.impls)
-  if impls and "impl" not in default.get_config().model:
-    print("note: configs/default.py has no model.impl; --impls ignored", file=sys.stderr)
-    impls = []
   rows = {f"jaxrnn[{i}]": i for i in impls} or {"jaxrnn": None}
   data = {"train": _tokens(FLAGS.batch, FLAGS.seq), "eval": _tokens(_LANES, _CHUNK),
           "prefix": _tokens(1, _PREFIX)[0][0]}

@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxrnn import UserError, train
+from jaxrnn import UserError, checkpoint, tasks
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "val", ["train", "val", "test"], "Split to evaluate.")
@@ -24,11 +24,12 @@ def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
-    config, vocab, params, step = train.load_run(_WORKDIR.value, _STEP.value)
+    config, vocab, params, step = checkpoint.load_run(_WORKDIR.value, _STEP.value)
     if _CORPUS.value:
       config.data.corpus = _CORPUS.value
-    _, splits = train.prepare_data(config, vocab)
-    result = train.make_evaluator(config)(params, splits[_SPLIT.value])
+    task = tasks.get(config.task)
+    _, splits = task.prepare_data(config, vocab)
+    result = task.make_evaluator(config)(params, splits[_SPLIT.value])
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -10,7 +10,7 @@ import time
 
 from absl import app, flags, logging
 
-from jaxrnn import UserError, sample, train
+from jaxrnn import UserError, checkpoint, sample
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
 _PREFIX = flags.DEFINE_string("prefix", "\n", "Text to warm the state up on.")
@@ -27,8 +27,8 @@ def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
-    config, vocab, params, step = train.load_run(_WORKDIR.value, _STEP.value)
-    if train.task_of(config) is not train.TASKS["lm"]:
+    config, vocab, params, step = checkpoint.load_run(_WORKDIR.value, _STEP.value)
+    if config.task != "lm":
       raise UserError(f"{_WORKDIR.value} holds a {config.task} run: sampling needs a language model")
     start = time.perf_counter()
     tokens = sample.generate(params, config.model, vocab.encode(_PREFIX.value), _LENGTH.value,

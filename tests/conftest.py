@@ -1,11 +1,100 @@
-"""Test setup: the shared data directory, unless the environment names one."""
+"""Shared test scaffolding: the data directory, a tiny corpus, tiny configs, a script runner."""
 
 import os
 import pathlib
+import subprocess
+import sys
+from typing import Any, Callable
+
+import pytest
+
+from configs import default
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY_TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
+
+# The smallest model and batches that still exercise every code path, section by section.
+TINY_LM = {"model": {"hidden_size": 16, "embed_dim": 8},
+           "data": {"batch_size": 4, "seq_len": 8},
+           "train": {"steps": 5, "log_every": 1, "eval_every": 0, "eval_lanes": 2}}
+TINY_CLASSIFY = {"task": "classify",
+                 "model": {"hidden_size": 8, "embed_dim": 8},
+                 "data": {"corpus": "rt-polarity", "batch_size": 8, "seq_len": 16,
+                          "max_vocab": 300},
+                 "train": {"steps": 4, "log_every": 1, "eval_every": 0, "eval_lanes": 256}}
 
 
 def pytest_configure(config):
   del config
   os.environ.setdefault("JAXRNN_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
+
+
+def _overrides(base: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
+  """Dotted field -> value: `base`, then `sections` ({"train": {"steps": 3}, "task": ...})."""
+  flat = {}
+  for part in (base, sections):
+    for key, value in part.items():
+      if isinstance(value, dict):
+        flat.update({f"{key}.{k}": v for k, v in value.items()})
+      else:
+        flat[key] = value
+  return flat
+
+
+def make_config(base: dict[str, Any], **sections: Any):
+  """configs/default.py with `base`'s fields, then `sections`' (e.g. train={"steps": 20})."""
+  config = default.get_config()
+  for name, value in _overrides(base, sections).items():
+    *path, leaf = name.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+  """A 1,800-character text file: 40 copies of one sentence."""
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text(TINY_TEXT)
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(corpus) -> Callable[..., Any]:
+  """tiny_config(**sections): a tiny LM config on the tiny corpus, e.g. train={"steps": 20}."""
+  return lambda **sections: make_config({**TINY_LM, "data": {**TINY_LM["data"], "corpus": corpus}},
+                                        **sections)
+
+
+@pytest.fixture(scope="session")
+def tiny_classify_config() -> Callable[..., Any]:
+  """tiny_classify_config(**sections): a tiny sentence classifier on rt-polarity."""
+  return lambda **sections: make_config(TINY_CLASSIFY, **sections)
+
+
+@pytest.fixture(scope="session")
+def tiny_flags(corpus) -> Callable[..., list[str]]:
+  """tiny_flags(workdir, **sections): scripts/train.py flags for the tiny LM config."""
+  def flags(workdir, **sections):
+    base = {**TINY_LM, "data": {**TINY_LM["data"], "corpus": corpus}}
+    return [f"--workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in _overrides(base, sections).items())]
+  return flags
+
+
+def run_script(name: str, *args: str, devices: int | None = None,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+  """scripts/<name> in a subprocess from the repository root; `devices` simulated CPU devices."""
+  env = dict(os.environ)
+  if devices is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / name), *args], env=env,
+                        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def script() -> Callable[..., subprocess.CompletedProcess]:
+  """script(name, *args, devices=None): runs one of scripts/*.py as a user would."""
+  return run_script

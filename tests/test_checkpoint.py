@@ -12,25 +12,16 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
+from conftest import REPO_ROOT
 from jaxrnn import UserError, checkpoint, data, model, train
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from jaxrnn.tasks import lm
 
 
 @pytest.fixture
-def corpus(tmp_path):
-  path = tmp_path / "corpus.txt"
-  path.write_text("It was the best of times, it was the worst of times.\n" * 40)
-  return str(path)
-
-
-def tiny_config(corpus: str, steps: int):
-  config = default.get_config()
-  config.model.update(hidden_size=16, embed_dim=8, num_layers=2, dropout=0.1)
-  config.data.update(corpus=corpus, batch_size=4, seq_len=8)
-  config.train.update(steps=steps, log_every=1, eval_every=5, ckpt_every=5, eval_lanes=2)
-  return config
+def ckpt_config(tiny_config):
+  """ckpt_config(steps): a two-layer tiny LM with dropout, evaluated and saved every 5 steps."""
+  return lambda steps: tiny_config(model={"num_layers": 2, "dropout": 0.1},
+                                   train={"steps": steps, "eval_every": 5, "ckpt_every": 5})
 
 
 def train_losses(workdir) -> list[tuple[int, float]]:
@@ -43,31 +34,32 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_resume_is_bitwise_identical(corpus, tmp_path):
+def test_resume_is_bitwise_identical(ckpt_config, tmp_path):
   """10 steps, stop, resume to 20 == 20 steps straight: same params bit for bit, same losses."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train.train_and_evaluate(tiny_config(corpus, 20), str(straight))
-  train.train_and_evaluate(tiny_config(corpus, 10), str(resumed))
-  train.train_and_evaluate(tiny_config(corpus, 20), str(resumed))
-  *_, params_a, step_a = train.load_run(str(straight))
-  *_, params_b, step_b = train.load_run(str(resumed))
+  train.train_and_evaluate(ckpt_config(20), str(straight))
+  train.train_and_evaluate(ckpt_config(10), str(resumed))
+  train.train_and_evaluate(ckpt_config(20), str(resumed))
+  *_, params_a, step_a = checkpoint.load_run(str(straight))
+  *_, params_b, step_b = checkpoint.load_run(str(resumed))
   assert step_a == step_b == 20
   assert_trees_equal(params_a, params_b)
   assert train_losses(straight) == train_losses(resumed)
   assert [s for s, _ in train_losses(resumed)] == list(range(1, 21))
 
 
-def test_restored_iterator_and_carry_continue_the_stream(corpus, tmp_path):
+def test_restored_iterator_and_carry_continue_the_stream(ckpt_config, tmp_path):
   """What a checkpoint restores (carry, data position) continues the interrupted stream exactly."""
-  config = tiny_config(corpus, 7)
-  vocab, ids = train.prepare_data(config)
+  config = ckpt_config(7)
+  vocab, ids = lm.prepare_data(config)
   tx = train.make_optimizer(config.train)
   state = train.create_train_state(config, len(vocab), tx)
   batches = data.train_batches(ids["train"], config.data, 0)
   carry = model.initial_carry(config.model, config.data.batch_size)
   step = jax.jit(lambda s, b, c: train.train_step(s, b, c, config=config, tx=tx))
   for _ in range(7):
-    state, carry, _ = step(state, next(batches), carry)
+    _, batch = next(batches)
+    state, carry, _ = step(state, batch, carry)
   mngr = checkpoint.manager(tmp_path)
   checkpoint.save(mngr, state, carry, batches.position, config, vocab)
   fresh = train.create_train_state(config, len(vocab), tx)
@@ -77,7 +69,7 @@ def test_restored_iterator_and_carry_continue_the_stream(corpus, tmp_path):
   assert_trees_equal(got_state.opt_state, state.opt_state)
   assert np.array_equal(jax.random.key_data(got_state.rng), jax.random.key_data(state.rng))
   again = data.train_batches(ids["train"], config.data, 0, meta["position"])
-  assert np.array_equal(next(again)["inputs"], next(batches)["inputs"])
+  assert np.array_equal(next(again)[1]["inputs"], next(batches)[1]["inputs"])
 
 
 def truncate_largest_file(step_dir: pathlib.Path) -> None:
@@ -85,60 +77,60 @@ def truncate_largest_file(step_dir: pathlib.Path) -> None:
   largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
 
 
-def test_truncated_latest_checkpoint_falls_back(corpus, tmp_path, capsys):
+def test_truncated_latest_checkpoint_falls_back(ckpt_config, tmp_path, capsys):
   """A truncated newest checkpoint is reported by step and the next older one is used."""
   workdir = tmp_path / "run"
-  train.train_and_evaluate(tiny_config(corpus, 15), str(workdir))
-  *_, older_params, _ = train.load_run(str(workdir), 10)
+  train.train_and_evaluate(ckpt_config(15), str(workdir))
+  *_, older_params, _ = checkpoint.load_run(str(workdir), 10)
   truncate_largest_file(workdir / "checkpoints" / "15")
   capsys.readouterr()
-  *_, params, step = train.load_run(str(workdir))
+  *_, params, step = checkpoint.load_run(str(workdir))
   err = capsys.readouterr().err
   assert step == 10
   assert "checkpoint at step 15 is unreadable" in err and "older checkpoint at step 10" in err
   assert_trees_equal(params, older_params)
 
 
-def test_unfinished_save_is_not_a_checkpoint(corpus, tmp_path):
+def test_unfinished_save_is_not_a_checkpoint(ckpt_config, tmp_path):
   """Orbax's temporary directory from a save cut short is never taken as the latest step."""
   workdir = tmp_path / "run"
-  train.train_and_evaluate(tiny_config(corpus, 10), str(workdir))
+  train.train_and_evaluate(ckpt_config(10), str(workdir))
   partial = workdir / "checkpoints" / "15.orbax-checkpoint-tmp-1234567"
   (partial / "state").mkdir(parents=True)
   (partial / "state" / "junk").write_bytes(b"\0" * 10)
   assert checkpoint.manager(workdir).latest_step() == 10
-  *_, step = train.load_run(str(workdir))
+  *_, step = checkpoint.load_run(str(workdir))
   assert step == 10
 
 
-def test_changing_the_model_shape_on_resume_is_refused(corpus, tmp_path):
+def test_changing_the_model_shape_on_resume_is_refused(ckpt_config, tmp_path):
   """Resuming with another hidden size names the field instead of failing inside orbax."""
   workdir = tmp_path / "run"
-  train.train_and_evaluate(tiny_config(corpus, 5), str(workdir))
-  config = tiny_config(corpus, 10)
+  train.train_and_evaluate(ckpt_config(5), str(workdir))
+  config = ckpt_config(10)
   config.model.hidden_size = 32
   with pytest.raises(UserError, match="model.hidden_size is 32 but .* trained with 16"):
     train.train_and_evaluate(config, str(workdir))
 
 
-def test_nan_loss_keeps_the_good_checkpoint(corpus, tmp_path):
+def test_nan_loss_keeps_the_good_checkpoint(ckpt_config, tmp_path):
   """A run that turns NaN after resuming stops without saving; the last good checkpoint stays."""
   workdir = tmp_path / "run"
-  train.train_and_evaluate(tiny_config(corpus, 5), str(workdir))
-  *_, good, _ = train.load_run(str(workdir))
-  config = tiny_config(corpus, 10)
+  train.train_and_evaluate(ckpt_config(5), str(workdir))
+  *_, good, _ = checkpoint.load_run(str(workdir))
+  config = ckpt_config(10)
   config.train.lr = float("nan")
   with pytest.raises(UserError, match="at step 7"):
     train.train_and_evaluate(config, str(workdir))
   assert checkpoint.manager(workdir).all_steps() == [5]
-  *_, params, _ = train.load_run(str(workdir))
+  *_, params, _ = checkpoint.load_run(str(workdir))
   assert_trees_equal(params, good)
 
 
-def test_keeps_latest_and_best(corpus, tmp_path):
+def test_keeps_latest_and_best(ckpt_config, tmp_path):
   """With keep=1 the latest checkpoint and the best-by-validation one both survive."""
   workdir = tmp_path / "run"
-  config = tiny_config(corpus, 20)
+  config = ckpt_config(20)
   config.train.keep = 1
   train.train_and_evaluate(config, str(workdir))
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -147,24 +139,15 @@ def test_keeps_latest_and_best(corpus, tmp_path):
   assert sorted(checkpoint.manager(workdir).all_steps()) == sorted({best, 20})
 
 
-def run_script(name, *args, **kwargs):
-  return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args],
-                        capture_output=True, text=True, timeout=300, **kwargs)
+def script_flags(tiny_flags, workdir, steps):
+  return tiny_flags(workdir, train={"steps": steps, "ckpt_every": 100000})
 
 
-def script_flags(corpus, workdir, steps):
-  return [f"--workdir={workdir}", f"--config.data.corpus={corpus}", "--config.data.batch_size=4",
-          "--config.data.seq_len=8", "--config.model.hidden_size=16", "--config.model.embed_dim=8",
-          f"--config.train.steps={steps}", "--config.train.log_every=1",
-          "--config.train.eval_every=0", "--config.train.ckpt_every=100000",
-          "--config.train.eval_lanes=2"]
-
-
-def test_sigterm_saves_the_last_completed_step_and_resumes(corpus, tmp_path):
+def test_sigterm_saves_the_last_completed_step_and_resumes(tiny_flags, script, tmp_path):
   """SIGTERM mid-run: exit 0 with one line, a checkpoint at the last logged step; resume goes on."""
   workdir = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"),
-                           *script_flags(corpus, workdir, 1_000_000)],
+  proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "train.py"),
+                           *script_flags(tiny_flags, workdir, 1_000_000)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 120
@@ -177,53 +160,64 @@ def test_sigterm_saves_the_last_completed_step_and_resumes(corpus, tmp_path):
   saved = checkpoint.manager(workdir).latest_step()
   assert f"preempted at step {saved}" in err.strip().splitlines()[-1]
   assert train_losses(workdir)[-1][0] == saved
-  done = run_script("train.py", *script_flags(corpus, workdir, saved + 3))
+  done = script("train.py", *script_flags(tiny_flags, workdir, saved + 3))
   assert done.returncode == 0, done.stderr
   assert json.loads(done.stdout.splitlines()[-1])["step"] == saved + 3
   assert [s for s, _ in train_losses(workdir)] == list(range(1, saved + 4))
 
 
-def test_eval_script_reproduces_the_logged_perplexity(corpus, tmp_path):
+def test_eval_script_reproduces_the_logged_perplexity(tiny_flags, script, tmp_path):
   """scripts/eval.py on the saved run gives the validation perplexity training logged."""
   workdir = tmp_path / "run"
-  result = run_script("train.py", *script_flags(corpus, workdir, 6))
+  result = script("train.py", *script_flags(tiny_flags, workdir, 6))
   assert result.returncode == 0, result.stderr
   logged = json.loads(result.stdout.splitlines()[-1])
-  proc = run_script("eval.py", f"--workdir={workdir}", "--split=val")
+  proc = script("eval.py", f"--workdir={workdir}", "--split=val")
   assert proc.returncode == 0, proc.stderr
   evaluated = json.loads(proc.stdout)
   assert evaluated["step"] == 6 and evaluated["tokens"] == logged["tokens"]
   assert evaluated["perplexity"] == pytest.approx(logged["perplexity"], rel=1e-6)
 
 
-@pytest.mark.parametrize("script", ["eval.py", "sample.py"])
-def test_missing_workdir_is_a_one_line_error(script, tmp_path):
+@pytest.mark.parametrize("name", ["eval.py", "sample.py"])
+def test_missing_workdir_is_a_one_line_error(name, script, tmp_path):
   """No workdir or no checkpoint: exit 2 and one line on stderr, no traceback."""
-  proc = run_script(script, f"--workdir={tmp_path / 'nowhere'}")
+  proc = script(name, f"--workdir={tmp_path / 'nowhere'}")
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "no checkpoints" in proc.stderr
 
 
-def classify_config(steps: int):
-  config = default.get_config()
-  config.task = "classify"
-  config.model.update(hidden_size=8, embed_dim=8, dropout=0.1)
-  config.data.update(corpus="rt-polarity", batch_size=8, seq_len=16, max_vocab=300)
-  config.train.update(steps=steps, log_every=1, eval_every=0, ckpt_every=3, eval_lanes=256)
-  return config
-
-
-def test_classifier_resume_is_bitwise_identical(tmp_path):
+def test_classifier_resume_is_bitwise_identical(tiny_classify_config, tmp_path):
   """Classifier (an empty carry, shuffled batches): resuming a copy of a 6-step run from its
   step-3 checkpoint ends with the same params bit for bit and the same losses."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train.train_and_evaluate(classify_config(6), str(straight))
+  config = tiny_classify_config(model={"dropout": 0.1}, train={"steps": 6, "ckpt_every": 3})
+  train.train_and_evaluate(config, str(straight))
   shutil.copytree(straight, resumed)
   shutil.rmtree(resumed / "checkpoints" / "6")
   assert checkpoint.manager(resumed).latest_step() == 3
-  train.train_and_evaluate(classify_config(6), str(resumed))
-  *_, params_a, step_a = train.load_run(str(straight))
-  *_, params_b, step_b = train.load_run(str(resumed))
+  train.train_and_evaluate(config, str(resumed))
+  *_, params_a, step_a = checkpoint.load_run(str(straight))
+  *_, params_b, step_b = checkpoint.load_run(str(resumed))
   assert step_a == step_b == 6
   assert_trees_equal(params_a, params_b)
   assert train_losses(straight) == train_losses(resumed)
+
+
+def test_a_checkpoint_from_before_newer_fields_restores_and_resumes(ckpt_config, tmp_path):
+  """A checkpoint whose saved config predates fields (task, model.impl, compute_dtype,
+  embed_scale) reads their defaults: it evaluates, and it resumes to the same params as a run
+  that never stopped."""
+  straight, old = tmp_path / "straight", tmp_path / "old"
+  train.train_and_evaluate(ckpt_config(10), str(straight))
+  train.train_and_evaluate(ckpt_config(5), str(old))
+  meta_file = old / "checkpoints" / "5" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  del meta["config"]["task"]
+  for field in ("impl", "compute_dtype", "embed_scale"):
+    del meta["config"]["model"][field]
+  meta_file.write_text(json.dumps(meta))
+  config, _, _, step = checkpoint.load_run(str(old))
+  assert step == 5 and config.task == "lm" and config.model.impl == "fused"
+  train.train_and_evaluate(ckpt_config(10), str(old))
+  assert_trees_equal(checkpoint.load_run(str(old))[2], checkpoint.load_run(str(straight))[2])

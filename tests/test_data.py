@@ -169,14 +169,14 @@ def test_sequential_lanes_reproduce_the_corpus():
   """Lane b over consecutive batches is a contiguous slice; targets are inputs shifted by one."""
   ids = np.arange(1000, dtype=np.int32)
   batches = data.SequentialBatches(ids, batch_size=4, seq_len=10)
-  drawn = [next(batches) for _ in range(batches.batches_per_epoch)]
+  resets, drawn = zip(*[next(batches) for _ in range(batches.batches_per_epoch)])
   lane_len = 999 // 4
   for b in range(4):
     lane = np.concatenate([d["inputs"][b] for d in drawn])
     assert np.array_equal(lane, ids[b * lane_len:b * lane_len + len(lane)])
     assert np.array_equal(np.concatenate([d["targets"][b] for d in drawn]), lane + 1)
-  assert [d["reset"] for d in drawn] == [True] + [False] * (len(drawn) - 1)
-  assert next(batches)["reset"] and np.array_equal(next(batches)["inputs"], drawn[1]["inputs"])
+  assert list(resets) == [True] + [False] * (len(drawn) - 1)
+  assert next(batches)[0] and np.array_equal(next(batches)[1]["inputs"], drawn[1]["inputs"])
 
 
 @pytest.mark.parametrize("batching", ["sequential", "random"])
@@ -189,16 +189,17 @@ def test_iterators_resume_from_position(batching):
     next(first)
   resumed = data.train_batches(ids, config, seed=3, position=first.position)
   for _ in range(5):
-    a, b = next(first), next(resumed)
+    (reset_a, a), (reset_b, b) = next(first), next(resumed)
+    assert reset_a == reset_b
     assert np.array_equal(a["inputs"], b["inputs"]) and np.array_equal(a["targets"], b["targets"])
 
 
 def test_random_windows_are_shifted_pairs():
   """Random windows: targets[:, :-1] == inputs[:, 1:], and each window is a corpus slice."""
   ids = np.arange(300, dtype=np.int32) * 7
-  batch = next(data.RandomWindows(ids, 5, 12, seed=0))
+  reset, batch = next(data.RandomWindows(ids, 5, 12, seed=0))
   assert np.array_equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
-  assert np.all(np.diff(batch["inputs"], axis=1) == 7) and batch["reset"]
+  assert np.all(np.diff(batch["inputs"], axis=1) == 7) and reset
 
 
 def test_bad_batch_shapes_are_refused():
@@ -223,13 +224,6 @@ def test_eval_chunks_count_every_target_once(lanes, chunk):
   assert all(c["inputs"].shape == (lanes, chunk) for c in chunks)
 
 
-def sentence_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(dict(corpus="rt-polarity", val_frac=None, test_frac=None,
-                                          split_seed=0))
-  config.update(overrides)
-  return config
-
-
 def test_detect_reads_utf8_else_cp1252():
   """'detect': strict UTF-8 first, then cp1252, whose 0x85 is an ellipsis, not a line break;
   bytes neither can read are refused, naming the byte."""
@@ -239,97 +233,3 @@ def test_detect_reads_utf8_else_cp1252():
   assert data.decode(b"wait\x85 what\n", "detect").split("\n") == ["wait… what", ""]
   with pytest.raises(UserError, match="neither UTF-8 nor Windows-1252.*byte 1"):
     data.decode(b"a\x81b", "detect")
-
-
-def test_rt_polarity_split_is_fixed_balanced_and_complete():
-  """5,331 sentences per class; 80/10/10 by a seeded shuffle, disjoint, the same every time;
-  another split_seed gives another split."""
-  splits, classes = data.load_sentences(sentence_config())
-  assert classes == ("negative", "positive")
-  assert {k: len(v[0]) for k, v in splits.items()} == {"train": 8530, "val": 1066, "test": 1066}
-  labels = np.concatenate([v[1] for v in splits.values()])
-  assert np.bincount(labels).tolist() == [5331, 5331]
-  lines = (SHARED / "rt-polarity" / "rt-polarity.pos").read_text().split("\n")[:-1]
-  assert lines[0].split() in splits["train"][0] + splits["val"][0] + splits["test"][0]
-  again, _ = data.load_sentences(sentence_config())
-  assert all(again[k][0] == splits[k][0] for k in splits)
-  other, _ = data.load_sentences(sentence_config(split_seed=1))
-  assert other["test"][0] != splits["test"][0]
-  assert sorted(map(" ".join, other["train"][0] + other["val"][0] + other["test"][0])) == \
-      sorted(map(" ".join, splits["train"][0] + splits["val"][0] + splits["test"][0]))
-
-
-def test_rt_polarity_cp1252_copy_reads_the_same(tmp_path, monkeypatch):
-  """The original Windows-1252 files, found under the corpus' file names, give the same splits."""
-  (tmp_path / "rt-polarity").mkdir()
-  for name in ("rt-polarity.pos", "rt-polarity.neg"):
-    raw = (SHARED / "rt-polarity" / "cp1252" / name).read_bytes()
-    with pytest.raises(UnicodeDecodeError):
-      raw.decode("utf-8")
-    (tmp_path / "rt-polarity" / name).write_bytes(raw)
-  expected, _ = data.load_sentences(sentence_config())
-  monkeypatch.setenv("JAXRNN_DATA_DIR", str(tmp_path))
-  got, _ = data.load_sentences(sentence_config())
-  assert all(got[k][0] == expected[k][0] and np.array_equal(got[k][1], expected[k][1])
-             for k in expected)
-
-
-def test_sentence_and_text_corpora_are_not_mixed_up():
-  """rt-polarity is refused as LM text; a text corpus is refused as labelled sentences."""
-  with pytest.raises(UserError, match="task=classify"):
-    data.load_splits(data_config(corpus="rt-polarity"))
-  with pytest.raises(UserError, match="labelled sentence corpus \\(rt-polarity\\)"):
-    data.load_sentences(sentence_config(corpus="tinyshakespeare"))
-
-
-def test_word_vocab_caps_by_frequency():
-  """<pad> first, <unk> last, then the most frequent words, ties alphabetical, capped in total."""
-  sentences = [["b", "a", "c"], ["a", "b", "d"], ["a"]]
-  assert data.word_vocab(sentences).tokens == ("<pad>", "a", "b", "c", "d", "<unk>")
-  capped = data.word_vocab(sentences, max_size=4)
-  assert capped.tokens == ("<pad>", "a", "b", "<unk>") and capped.unk_id == 3
-  with pytest.raises(UserError, match="max_vocab"):
-    data.word_vocab(sentences, max_size=2)
-
-
-def test_encode_sentences_pads_cuts_and_marks_unknowns():
-  """Ids then <pad> (0) to seq_len; longer sentences cut to seq_len; lengths count the kept words."""
-  vocab = data.word_vocab([["a", "b"]])
-  encoded = data.encode_sentences(([["a", "z"], ["b", "a", "b", "a"]], np.array([1, 0])), vocab, 3)
-  a, b, unk = 1, 2, vocab.unk_id
-  assert encoded["inputs"].tolist() == [[a, unk, 0], [b, a, b]]
-  assert encoded["lengths"].tolist() == [2, 3] and encoded["targets"].tolist() == [1, 0]
-
-
-def _toy_split(n=10, t=4):
-  return {"inputs": np.arange(n * t, dtype=np.int32).reshape(n, t),
-          "lengths": np.arange(1, n + 1, dtype=np.int32) % t + 1,
-          "targets": np.arange(n, dtype=np.int32) % 2}
-
-
-def test_sentence_batches_cover_each_epoch_and_resume():
-  """An epoch reads each sentence at most once (n mod b left out), epochs differ, and an
-  iterator rebuilt at a position continues the stream."""
-  split = _toy_split()
-  batches = data.SentenceBatches(split, 3, seed=4)
-  epoch = [next(batches) for _ in range(batches.batches_per_epoch)]
-  rows = np.concatenate([b["inputs"][:, 0] // 4 for b in epoch])
-  assert len(rows) == len(set(rows)) == 9 and all(b["reset"] for b in epoch)
-  for b in epoch:
-    assert np.array_equal(split["targets"][b["inputs"][:, 0] // 4], b["targets"])
-  resumed = data.SentenceBatches(split, 3, seed=4, position=batches.position)
-  for _ in range(4):
-    assert np.array_equal(next(batches)["inputs"], next(resumed)["inputs"])
-  with pytest.raises(UserError, match="fewer than data.batch_size"):
-    data.SentenceBatches(split, 11, seed=0)
-
-
-def test_sentence_chunks_count_every_sentence_once():
-  """Masked rows, in order, are exactly the split; shapes fixed; padding rows have length 1."""
-  split = _toy_split()
-  chunks = list(data.sentence_chunks(split, 4))
-  assert all(c["inputs"].shape == (4, 4) for c in chunks)
-  mask = np.concatenate([c["mask"] for c in chunks]).astype(bool)
-  for key in split:
-    assert np.array_equal(np.concatenate([c[key] for c in chunks])[mask], split[key])
-  assert np.concatenate([c["lengths"] for c in chunks])[~mask].tolist() == [1, 1]

@@ -1,5 +1,5 @@
-"""Tests for jaxrnn.layers: scan against a Python loop, resets, unroll, stacks and dropout, the
-parallel scan of the linear cells, bidirectional layers."""
+"""Tests for jaxrnn.layers: scan against a Python loop, the choice of recurrence, unroll, stacks
+and dropout, the parallel scan of the linear cells, bidirectional layers."""
 
 import functools
 
@@ -51,48 +51,13 @@ def test_run_matches_python_loop(name):
   _assert_trees_close(got_carry, carry)
 
 
-@pytest.mark.parametrize("name", CELLS + LINEAR)
-def test_reset_equals_restart_from_zero(name):
-  """A reset at step t for some rows equals running [0, t) then [t, T) from a zeroed carry there."""
-  cell, params, carry0, xs = _setup(name, seed=1)
-  t_reset = 4
-  rows = np.array([True, False, True, False])
-  reset = np.zeros((B, T), bool)
-  reset[rows, t_reset] = True
-
-  mid, ys_first = layers.run(cell, params, carry0, xs[:, :t_reset])
-  mid = jax.tree.map(lambda a: jnp.where(jnp.asarray(rows)[:, None], 0.0, a), mid)
-  expected_carry, ys_second = layers.run(cell, params, mid, xs[:, t_reset:])
-  expected_ys = jnp.concatenate([ys_first, ys_second], axis=1)
-
-  got_carry, got_ys = layers.run(cell, params, carry0, xs, reset=jnp.asarray(reset))
-  got_ys = np.asarray(got_ys)
-  np.testing.assert_allclose(got_ys, expected_ys, rtol=1e-5, atol=1e-6)
-  _assert_trees_close(got_carry, expected_carry)
-
-  no_reset_ys = np.asarray(layers.run(cell, params, carry0, xs)[1])
-  np.testing.assert_allclose(got_ys[~rows], no_reset_ys[~rows], rtol=1e-5, atol=1e-6)
-  assert not np.allclose(got_ys[rows, t_reset:], no_reset_ys[rows, t_reset:], atol=1e-4)
-
-
-@pytest.mark.parametrize("name", CELLS)
-def test_all_false_reset_is_no_reset(name):
-  """An all-False reset mask gives the same result as no mask."""
-  cell, params, carry0, xs = _setup(name, seed=2)
-  expected_carry, expected_ys = layers.run(cell, params, carry0, xs)
-  got_carry, got_ys = layers.run(cell, params, carry0, xs, reset=jnp.zeros((B, T), bool))
-  np.testing.assert_allclose(got_ys, expected_ys, rtol=1e-6, atol=1e-6)
-  _assert_trees_close(got_carry, expected_carry, rtol=1e-6)
-
-
 @pytest.mark.parametrize("name", CELLS)
 def test_unroll_does_not_change_results(name):
   """unroll=4 (not a divisor of t) gives the same outputs and carry as unroll=1."""
   cell, params, carry0, xs = _setup(name, seed=3)
-  reset = jnp.asarray(np.random.default_rng(3).random((B, T)) < 0.2)
-  for kwargs in ({}, {"reset": reset}):
-    expected_carry, expected_ys = layers.run(cell, params, carry0, xs, unroll=1, **kwargs)
-    got_carry, got_ys = layers.run(cell, params, carry0, xs, unroll=4, **kwargs)
+  for impl in layers.IMPLS:
+    expected_carry, expected_ys = layers.run(cell, params, carry0, xs, unroll=1, impl=impl)
+    got_carry, got_ys = layers.run(cell, params, carry0, xs, unroll=4, impl=impl)
     np.testing.assert_allclose(got_ys, expected_ys, rtol=1e-5, atol=1e-6)
     _assert_trees_close(got_carry, expected_carry)
 
@@ -181,6 +146,51 @@ def test_fused_gradients_equal_plain_scan(name):
                             modes=("rev",), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("name, impl, steps, chosen", [
+    ("lstm", "fused", 9, "_core_fused"), ("gru", "fused", 1, "_core_fused"),
+    ("mingru", "fused", 9, "_parallel"), ("minlstm", "fused", 1, "_scan"),
+    ("lnlstm", "fused", 9, "_scan"), ("indrnn", "fused", 9, "_scan"),
+    ("lstm", "scan", 9, "_scan"), ("mingru", "scan", 9, "_scan"),
+])
+def test_recurrence_is_chosen_by_cell_structure_and_impl(name, impl, steps, chosen):
+  """`recurrence` is the documented table: the custom VJP for cells with a core, the parallel
+  scan for cells linear in their state (over more than one step), the plain scan otherwise."""
+  assert layers.recurrence(cells.get(name), impl, steps).func.__name__ == chosen
+
+
+def test_a_cell_with_its_own_weight_names_runs_fused():
+  """layers.py names no parameter: a cell whose recurrent weight and core parameters have other
+  names runs through the custom VJP with the values and gradients of the plain scan."""
+  base = cells.get("gru")
+
+  def rename(params):
+    return {"u_in": params["w_ih"], "u_rec": params["w_hh"], "bias": params["b"],
+            "reset_bias": params["b_hn"]}
+
+  def core(params, h, gx, gh):
+    return base.core({"b_hn": params["reset_bias"]}, h, gx, gh)
+
+  cell = cells.Cell(
+      "renamed_gru", lambda key, d, h: rename(base.init(key, d, h)), base.initial_carry,
+      lambda params, x: x @ params["u_in"] + params["bias"],
+      lambda params, carry, gx: core(params, carry, gx, carry @ params["u_rec"]),
+      core=core, recurrent_weight="u_rec", core_reads=("reset_bias",))
+  _, params, carry0, xs = _setup("gru", seed=14)
+  params = rename(params)
+  assert layers.recurrence(cell, "fused", T).func.__name__ == "_core_fused"
+
+  def loss(impl, params, carry):
+    return jnp.sum(layers.run(cell, params, carry, xs, impl=impl)[1] ** 2)
+
+  fused, plain = (jax.grad(functools.partial(loss, impl), argnums=(0, 1))(params, carry0)
+                  for impl in layers.IMPLS)
+  _assert_trees_close(fused, plain)
+  np.testing.assert_allclose(layers.run(cell, params, carry0, xs)[1],
+                             layers.run(base, {"w_ih": params["u_in"], "w_hh": params["u_rec"],
+                                               "b": params["bias"], "b_hn": params["reset_bias"]},
+                                        carry0, xs)[1], rtol=1e-6, atol=1e-6)
+
+
 def test_unknown_impl_is_refused():
   """A misspelt model.impl names the valid choices."""
   cell = cells.get("rnn")
@@ -189,7 +199,7 @@ def test_unknown_impl_is_refused():
                jnp.zeros((B, T, D)), impl="fast")
 
 
-@pytest.mark.parametrize("name", ["gru", "lstm"])
+@pytest.mark.parametrize("name", cells.names())
 def test_bfloat16_products_stay_close_to_float32(name):
   """compute_dtype=bfloat16: outputs within bf16 rounding of float32, fused grads = scan grads."""
   f32, bf16 = cells.get(name), cells.get(name, compute_dtype="bfloat16")
@@ -294,14 +304,6 @@ def test_parallel_scan_gradients_finite_on_4096_steps(name):
   """T = 4096 with saturated gates: every gradient of the parallel scan is finite (slow to compile)."""
   cell, params, h0, xs = _saturated(name, 4096, seed=13)
   grads = jax.jit(jax.grad(lambda p: layers.run(cell, p, h0, xs)[1].mean()))(params)
-  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
-
-
-def test_reset_gradients_stay_finite():
-  """A reset (log a = -inf inside the parallel scan) leaves every gradient finite."""
-  cell, params, carry0, xs = _setup("mingru", seed=13)
-  reset = jnp.zeros((B, T), bool).at[:, 3].set(True).at[0, 0].set(True)
-  grads = jax.jit(jax.grad(lambda p: layers.run(cell, p, carry0, xs, reset=reset)[1].sum()))(params)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 

@@ -5,10 +5,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
 from jaxrnn import UserError, model
 
 CELLS = ["rnn", "gru", "lstm"]
@@ -16,17 +16,17 @@ B, T, V, H = 3, 8, 11, 12
 
 
 def _config(cell="lstm", **overrides):
-  config = ml_collections.ConfigDict({
-      "cell": cell, "hidden_size": H, "num_layers": 2, "embed_dim": 6, "one_hot": False,
-      "dropout": 0.0, "unroll": 1, "forget_bias": 1.0, "nonlinearity": "tanh",
-      "bidirectional": False, "pooling": "last", "num_classes": 2,
-  })
+  """configs/default.py's model section: two layers of H, embedding 6, the LSTM's forget bias 1."""
+  config = default.get_config().model
+  config.update(cell=cell, hidden_size=H, num_layers=2, embed_dim=6)
+  if cell == "lstm":
+    config.forget_bias = 1.0
   config.update(overrides)
   return config
 
 
 def _jit_apply(config):
-  return jax.jit(functools.partial(model.apply, config=config), static_argnames="train")
+  return jax.jit(functools.partial(model.apply, model_config=config), static_argnames="train")
 
 
 def _tokens(seed=0, b=B, t=T):
@@ -40,7 +40,7 @@ def test_apply_shapes(name):
   params = model.init(jax.random.key(0), config, V)
   carry0 = model.initial_carry(config, B)
   assert len(carry0) == config.num_layers
-  carry, logits = model.apply(params, carry0, _tokens(), config=config)
+  carry, logits = model.apply(params, carry0, _tokens(), model_config=config)
   assert logits.shape == (B, T, V)
   assert logits.dtype == jnp.float32
   assert jax.tree.structure(carry) == jax.tree.structure(carry0)
@@ -58,8 +58,8 @@ def test_one_hot_equals_identity_embedding():
   embed_params = {**params, "embed": jnp.eye(V, dtype=jnp.float32)}
   tokens = _tokens(1)
   carry0 = model.initial_carry(one_hot_config, B)
-  expected_carry, expected = model.apply(params, carry0, tokens, config=one_hot_config)
-  got_carry, got = model.apply(embed_params, carry0, tokens, config=embed_config)
+  expected_carry, expected = model.apply(params, carry0, tokens, model_config=one_hot_config)
+  got_carry, got = model.apply(embed_params, carry0, tokens, model_config=embed_config)
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
                got_carry, expected_carry)
@@ -71,8 +71,8 @@ def test_eval_ignores_rng():
   params = model.init(jax.random.key(2), config, V)
   carry0 = model.initial_carry(config, B)
   tokens = _tokens(2)
-  _, without_rng = model.apply(params, carry0, tokens, config=config)
-  _, with_rng = model.apply(params, carry0, tokens, config=config, rng=jax.random.key(3))
+  _, without_rng = model.apply(params, carry0, tokens, model_config=config)
+  _, with_rng = model.apply(params, carry0, tokens, model_config=config, rng=jax.random.key(3))
   np.testing.assert_array_equal(with_rng, without_rng)
 
 
@@ -127,13 +127,6 @@ def test_unknown_cell_in_config_lists_cells():
       assert name in str(info.value)
 
 
-def test_lm_refuses_bidirectional():
-  """A bidirectional language model is refused with a message that it would see the future."""
-  with pytest.raises(UserError, match="bidirectional=True would let the language model see the "
-                                      "future.*set it to False"):
-    model.init(jax.random.key(0), _config(bidirectional=True), V)
-
-
 def _sentences(seed=0, b=B, t=T):
   """tokens<b, t> padded with 0 after lengths<b> (including a full-length and a one-word row)."""
   rng = np.random.default_rng(seed)
@@ -151,7 +144,7 @@ def test_classifier_shapes():
   assert params["layers"][1]["fwd"]["w_ih"].shape[0] == 2 * H
   assert params["head"]["w"].shape == (2 * H, 3)
   tokens, lengths = _sentences()
-  logits = model.apply_classifier(params, tokens, lengths, config=config)
+  logits = model.apply_classifier(params, tokens, lengths, model_config=config)
   assert logits.shape == (B, 3) and logits.dtype == jnp.float32
 
 
@@ -165,7 +158,7 @@ def test_appending_padding_does_not_change_logits(cell, bidirectional, pooling):
   tokens, lengths = _sentences(1)
   longer = jnp.concatenate([tokens, jnp.asarray(np.random.default_rng(2).integers(0, V, (B, 5)),
                                                 jnp.int32)], axis=1)
-  apply = jax.jit(functools.partial(model.apply_classifier, config=config))
+  apply = jax.jit(functools.partial(model.apply_classifier, model_config=config))
   np.testing.assert_allclose(apply(params, longer, lengths), apply(params, tokens, lengths),
                              rtol=1e-5, atol=1e-6)
 
@@ -177,9 +170,9 @@ def test_pooling_reads_each_direction_where_it_ends():
   params = model.init_classifier(jax.random.key(3), config, V)
   params["head"] = {"w": jnp.eye(2 * H, dtype=jnp.float32), "b": jnp.zeros(2 * H)}  # features out
   tokens, lengths = _sentences(3)
-  last = model.apply_classifier(params, tokens, lengths, config=config)
+  last = model.apply_classifier(params, tokens, lengths, model_config=config)
   config.pooling = "mean"
-  mean = model.apply_classifier(params, tokens, lengths, config=config)
+  mean = model.apply_classifier(params, tokens, lengths, model_config=config)
   cell = model.cells.get("lstm")
   zeros = cell.initial_carry(B, H)
   _, ys = model.layers.run_bidirectional(cell, params["layers"][0], (zeros, zeros),
@@ -199,14 +192,6 @@ def test_keras_simple_rnn_parameter_counts():
   assert model.num_params(params["layers"][0]) == 2_080 == 32 * (32 + 32) + 32
   assert model.num_params(params["head"]) == 33
   assert model.num_params(params) == 322_113
-
-
-def test_classifier_refuses_bad_fields():
-  """one_hot, num_classes < 1 and an unknown pooling give UserErrors naming the field."""
-  for overrides, field in [({"one_hot": True}, "one_hot"), ({"num_classes": 0}, "num_classes"),
-                           ({"pooling": "max"}, "pooling")]:
-    with pytest.raises(UserError, match=field):
-      model.init_classifier(jax.random.key(0), _config(**overrides), V)
 
 
 def test_embed_scale_scales_only_the_embedding():

@@ -11,33 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrnn import train
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-  path.write_text("Now is the winter of our discontent made glorious summer.\n" * 60)
-  return str(path)
+from conftest import REPO_ROOT, run_script
+from jaxrnn import checkpoint
 
 
-def run(script: str, devices: int, *args: str, extra_env=None) -> subprocess.CompletedProcess:
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-         **(extra_env or {})}
-  return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
-def train_flags(corpus, workdir, steps, batch_size=8):
-  return [f"--workdir={workdir}", f"--config.data.corpus={corpus}",
-          f"--config.data.batch_size={batch_size}", "--config.data.seq_len=8",
-          "--config.model.hidden_size=16", "--config.model.embed_dim=8",
-          "--config.model.num_layers=2", "--config.model.dropout=0.1",
-          f"--config.train.steps={steps}", "--config.train.log_every=1",
-          "--config.train.eval_every=10", "--config.train.ckpt_every=10",
-          "--config.train.eval_lanes=4"]
+def train_flags(tiny_flags, workdir, steps, batch_size=8):
+  """A two-layer tiny LM with dropout, 8 lanes (so 1, 2 and 4 devices divide them)."""
+  return tiny_flags(workdir, model={"num_layers": 2, "dropout": 0.1},
+                    data={"batch_size": batch_size},
+                    train={"steps": steps, "eval_every": 10, "ckpt_every": 10, "eval_lanes": 4})
 
 
 def losses(workdir) -> list[float]:
@@ -46,12 +28,12 @@ def losses(workdir) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def four_and_one(corpus, tmp_path_factory):
+def four_and_one(tiny_flags, tmp_path_factory):
   """The same 20-step run on 4 devices and on 1."""
   out = {}
   for n in (4, 1):
     workdir = tmp_path_factory.mktemp(f"dev{n}")
-    proc = run("train.py", n, *train_flags(corpus, workdir, 20))
+    proc = run_script("train.py", *train_flags(tiny_flags, workdir, 20), devices=n)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["devices"] == n
     out[n] = workdir
@@ -61,8 +43,8 @@ def four_and_one(corpus, tmp_path_factory):
 def test_four_devices_match_one(four_and_one):
   """Losses and final params of 4 devices equal 1 device's within 1e-5 (dropout on)."""
   np.testing.assert_allclose(losses(four_and_one[4]), losses(four_and_one[1]), rtol=1e-5)
-  *_, params4, _ = train.load_run(str(four_and_one[4]))
-  *_, params1, _ = train.load_run(str(four_and_one[1]))
+  *_, params4, _ = checkpoint.load_run(str(four_and_one[4]))
+  *_, params1, _ = checkpoint.load_run(str(four_and_one[1]))
   for a, b in zip(jax.tree.leaves(params4), jax.tree.leaves(params1), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -71,24 +53,25 @@ def test_validation_perplexity_is_identical_across_device_counts(four_and_one):
   """eval.py on the same checkpoint prints the same figures on 1, 2 and 4 devices."""
   results = []
   for n in (1, 2, 4):
-    proc = run("eval.py", n, f"--workdir={four_and_one[4]}")
+    proc = run_script("eval.py", f"--workdir={four_and_one[4]}", devices=n)
     assert proc.returncode == 0, proc.stderr
     results.append(json.loads(proc.stdout))
   assert results[0] == results[1] == results[2]
 
 
-def test_four_device_checkpoint_resumes_on_two(corpus, four_and_one, tmp_path):
+def test_four_device_checkpoint_resumes_on_two(tiny_flags, four_and_one, tmp_path):
   """Stop a 4-device run at step 10, resume on 2 devices: the losses of the straight run."""
   workdir = tmp_path / "run"
-  assert run("train.py", 4, *train_flags(corpus, workdir, 10)).returncode == 0
-  proc = run("train.py", 2, *train_flags(corpus, workdir, 20))
+  assert run_script("train.py", *train_flags(tiny_flags, workdir, 10), devices=4).returncode == 0
+  proc = run_script("train.py", *train_flags(tiny_flags, workdir, 20), devices=2)
   assert proc.returncode == 0, proc.stderr
   np.testing.assert_allclose(losses(workdir), losses(four_and_one[4]), rtol=1e-5)
 
 
-def test_indivisible_batch_is_refused_with_nearest_sizes(corpus, tmp_path):
+def test_indivisible_batch_is_refused_with_nearest_sizes(tiny_flags, tmp_path):
   """Batch 6 on 4 devices: exit 2 before compiling, suggesting 4 or 8."""
-  proc = run("train.py", 4, *train_flags(corpus, tmp_path / "run", 5, batch_size=6))
+  proc = run_script("train.py", *train_flags(tiny_flags, tmp_path / "run", 5, batch_size=6),
+                    devices=4)
   assert proc.returncode == 2
   assert "data.batch_size=6 does not split evenly over 4 devices; use 4 or 8" in proc.stderr
 
@@ -99,14 +82,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_four_devices(corpus, four_and_one, tmp_path):
+def test_two_processes_match_one_process_with_four_devices(tiny_flags, four_and_one, tmp_path):
   """2 processes x 2 CPU devices (jax.distributed, gloo) train like 1 process x 4 devices."""
   workdir = tmp_path / "run"
   address = f"127.0.0.1:{free_port()}"
-  flags = train_flags(corpus, workdir, 20) + [f"--coordinator_address={address}",
+  flags = train_flags(tiny_flags, workdir, 20) + [f"--coordinator_address={address}",
                                               "--num_processes=2"]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  procs = [subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *flags,
+  procs = [subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "train.py"), *flags,
                              f"--process_id={i}"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:
@@ -118,8 +101,8 @@ def test_two_processes_match_one_process_with_four_devices(corpus, four_and_one,
     assert p.returncode == 0, err
   assert json.loads(outputs[0][0].splitlines()[-1])["devices"] == 4
   np.testing.assert_allclose(losses(workdir), losses(four_and_one[4]), rtol=1e-5)
-  *_, params, step = train.load_run(str(workdir))
-  *_, params4, _ = train.load_run(str(four_and_one[4]))
+  *_, params, step = checkpoint.load_run(str(workdir))
+  *_, params4, _ = checkpoint.load_run(str(four_and_one[4]))
   assert step == 20
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params4), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -128,13 +111,13 @@ def test_two_processes_match_one_process_with_four_devices(corpus, four_and_one,
 @pytest.mark.slow
 def test_classifier_on_two_devices_matches_one(tmp_path):
   """The sentence classifier (no carried state) trains and validates alike on 2 devices and 1."""
-  flags = ["--config", str(REPO / "configs" / "classify_rt.py"), "--config.model.hidden_size=8",
+  flags = ["--config", str(REPO_ROOT / "configs" / "classify_rt.py"), "--config.model.hidden_size=8",
            "--config.model.embed_dim=8", "--config.data.max_vocab=300",
            "--config.data.batch_size=8", "--config.train.steps=6", "--config.train.log_every=1",
            "--config.train.eval_every=3"]
   results = {}
   for n in (2, 1):
-    proc = run("train.py", n, f"--workdir={tmp_path / str(n)}", *flags)
+    proc = run_script("train.py", f"--workdir={tmp_path / str(n)}", *flags, devices=n)
     assert proc.returncode == 0, proc.stderr
     results[n] = json.loads(proc.stdout.splitlines()[-1])
   assert results[2]["devices"] == 2

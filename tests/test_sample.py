@@ -2,10 +2,10 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
 from jaxrnn import UserError, cells, model, sample
 
 V = 11
@@ -13,9 +13,8 @@ V = 11
 
 @pytest.fixture(scope="module")
 def setup():
-  config = ml_collections.ConfigDict(dict(cell="gru", hidden_size=12, num_layers=2, embed_dim=6,
-                                          one_hot=False, dropout=0.0, unroll=1,
-                                          nonlinearity="tanh", forget_bias=0.0))
+  config = default.get_config().model
+  config.update(cell="gru", hidden_size=12, num_layers=2, embed_dim=6)
   params = model.init(jax.random.key(0), config, V)
   params["head"]["w"] = params["head"]["w"] * 8.0  # peaked distributions, so greedy != random
   return config, params

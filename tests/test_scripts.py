@@ -1,41 +1,25 @@
 """Tests for the command lines in scripts/, run as a user would, in subprocesses."""
 
 import json
-import pathlib
 import subprocess
-import sys
 
 import jax
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from conftest import REPO_ROOT as REPO
 
 
-def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args],
-                        capture_output=True, text=True, timeout=300, cwd=REPO)
+def tiny_run(tiny_flags, workdir):
+  """12 steps, a train row every 5 and a validation every 6."""
+  return tiny_flags(workdir, train={"steps": 12, "log_every": 5, "eval_every": 6})
 
 
-@pytest.fixture
-def corpus(tmp_path):
-  path = tmp_path / "tiny.txt"
-  path.write_text("to be or not to be, that is the question.\n" * 30)
-  return str(path)
-
-
-def tiny_flags(corpus: str, workdir: pathlib.Path) -> list[str]:
-  return [f"--workdir={workdir}", f"--config.data.corpus={corpus}", "--config.data.batch_size=4",
-          "--config.data.seq_len=8", "--config.model.hidden_size=16", "--config.model.embed_dim=8",
-          "--config.train.steps=12", "--config.train.log_every=5", "--config.train.eval_every=6",
-          "--config.train.eval_lanes=2"]
-
-
-def test_train_writes_metrics_and_prints_final_json(corpus, tmp_path):
+def test_train_writes_metrics_and_prints_final_json(tiny_flags, script, tmp_path):
   """A short run: metrics.jsonl rows with the documented fields, last stdout line is the result,
   run.json names the versions, the commit and the machine."""
   workdir = tmp_path / "run"
-  proc = run_script("train.py", "--config", str(REPO / "configs" / "gru.py"),
-                    *tiny_flags(corpus, workdir))
+  proc = script("train.py", "--config", str(REPO / "configs" / "gru.py"),
+                *tiny_run(tiny_flags, workdir))
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["step"] == 12 and result["perplexity"] == pytest.approx(2 ** result["bpc"])
@@ -60,66 +44,66 @@ def test_train_writes_metrics_and_prints_final_json(corpus, tmp_path):
     assert run["git_commit"] is None
 
 
-def test_unknown_cell_lists_valid_cells_without_traceback(corpus, tmp_path):
+def test_unknown_cell_lists_valid_cells_without_traceback(tiny_flags, script, tmp_path):
   """--config.model.cell=nope exits 2 with the valid names and no Python traceback."""
-  proc = run_script("train.py", *tiny_flags(corpus, tmp_path / "run"), "--config.model.cell=nope")
+  proc = script("train.py", *tiny_run(tiny_flags, tmp_path / "run"), "--config.model.cell=nope")
   assert proc.returncode == 2
   assert "rnn, gru, lstm" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_misspelt_field_is_named(corpus, tmp_path):
+def test_misspelt_field_is_named(tiny_flags, script, tmp_path):
   """A typo in a config field fails before training and names the field."""
-  proc = run_script("train.py", *tiny_flags(corpus, tmp_path / "run"), "--config.model.hiden_size=3")
+  proc = script("train.py", *tiny_run(tiny_flags, tmp_path / "run"), "--config.model.hiden_size=3")
   assert proc.returncode != 0 and "hiden_size" in proc.stderr
 
 
-def test_empty_corpus_is_a_one_line_error(tmp_path):
+def test_empty_corpus_is_a_one_line_error(tiny_flags, script, tmp_path):
   """An empty corpus file: exit 2, one line on stderr that says the file is empty."""
   empty = tmp_path / "empty.txt"
   empty.write_text("")
-  proc = run_script("train.py", *tiny_flags(str(empty), tmp_path / "run"))
+  proc = script("train.py", *tiny_run(tiny_flags, tmp_path / "run"), f"--config.data.corpus={empty}")
   assert proc.returncode == 2 and proc.stderr.strip().endswith("is empty; give a file with some text in it")
   assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_sample_prints_only_the_texts(corpus, tmp_path):
+def test_sample_prints_only_the_texts(tiny_flags, script, tmp_path):
   """sample.py: stdout holds the samples (prefix first) separated by blank lines, nothing else."""
   workdir = tmp_path / "run"
-  assert run_script("train.py", *tiny_flags(corpus, workdir)).returncode == 0
-  args = [f"--workdir={workdir}", "--prefix=to be", "--length=30", "--num_samples=2"]
-  greedy = run_script("sample.py", *args, "--temperature=0")
+  assert script("train.py", *tiny_run(tiny_flags, workdir)).returncode == 0
+  args = [f"--workdir={workdir}", "--prefix=the q", "--length=30", "--num_samples=2"]
+  greedy = script("sample.py", *args, "--temperature=0")
   assert greedy.returncode == 0, greedy.stderr
   first, second = greedy.stdout.rstrip("\n").split("\n\n")
-  assert first == second and first.startswith("to be") and len(first) == 5 + 30
+  assert first == second and first.startswith("the q") and len(first) == 5 + 30
   assert "step 12" in greedy.stderr
-  seeded = [run_script("sample.py", *args, f"--seed={s}").stdout for s in (0, 0, 1)]
+  seeded = [script("sample.py", *args, f"--seed={s}").stdout for s in (0, 0, 1)]
   assert seeded[0] == seeded[1] != seeded[2]
 
 
-def test_plot_draws_two_runs_and_refuses_an_empty_workdir(corpus, tmp_path):
+def test_plot_draws_two_runs_and_refuses_an_empty_workdir(tiny_flags, script, tmp_path):
   """plot.py: a real PNG for two tiny runs; a workdir without metrics is a clear error."""
   runs = [tmp_path / "a", tmp_path / "b"]
   for run in runs:
-    assert run_script("train.py", *tiny_flags(corpus, run)).returncode == 0
+    assert script("train.py", *tiny_run(tiny_flags, run)).returncode == 0
   png = tmp_path / "curves.png"
-  proc = run_script("plot.py", f"--workdir={runs[0]}", str(runs[1]), f"--out={png}")
+  proc = script("plot.py", f"--workdir={runs[0]}", str(runs[1]), f"--out={png}")
   assert proc.returncode == 0, proc.stderr
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
   (tmp_path / "empty").mkdir()
-  bad = run_script("plot.py", f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'x.png'}")
+  bad = script("plot.py", f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'x.png'}")
   assert bad.returncode == 2 and "no metrics" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_classify_config_trains_and_eval_reads_the_test_split(tmp_path):
+def test_classify_config_trains_and_eval_reads_the_test_split(script, tmp_path):
   """configs/classify_rt.py (shrunk): the last stdout line has val_accuracy; validation rows have
   accuracy and loss and no test rows are written; eval.py --split test prints accuracy and
   loss; sample.py refuses the run."""
   workdir = tmp_path / "run"
-  proc = run_script("train.py", "--config", str(REPO / "configs" / "classify_rt.py"),
-                    f"--workdir={workdir}", "--config.model.hidden_size=8",
-                    "--config.model.embed_dim=8", "--config.data.max_vocab=300",
-                    "--config.data.batch_size=8", "--config.train.steps=4",
-                    "--config.train.eval_every=2", "--config.train.log_every=2")
+  proc = script("train.py", "--config", str(REPO / "configs" / "classify_rt.py"),
+                f"--workdir={workdir}", "--config.model.hidden_size=8",
+                "--config.model.embed_dim=8", "--config.data.max_vocab=300",
+                "--config.data.batch_size=8", "--config.train.steps=4",
+                "--config.train.eval_every=2", "--config.train.log_every=2")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["step"] == 4 and 0.0 <= result["val_accuracy"] <= 1.0 and result["val_loss"] > 0
@@ -127,11 +111,11 @@ def test_classify_config_trains_and_eval_reads_the_test_split(tmp_path):
   val_rows = [r for r in rows if r["split"] == "val"]
   assert [r["step"] for r in val_rows] == [2, 4] and {"accuracy", "loss"} <= set(val_rows[0])
   assert not [r for r in rows if r["split"] == "test"]
-  proc = run_script("eval.py", f"--workdir={workdir}", "--split=test", "--step=best")
+  proc = script("eval.py", f"--workdir={workdir}", "--split=test", "--step=best")
   assert proc.returncode == 0, proc.stderr
   evaluated = json.loads(proc.stdout)
   assert evaluated["split"] == "test" and evaluated["examples"] == 1066
   assert 0.0 <= evaluated["accuracy"] <= 1.0 and evaluated["loss"] > 0
-  refused = run_script("sample.py", f"--workdir={workdir}")
+  refused = script("sample.py", f"--workdir={workdir}")
   assert refused.returncode == 2 and "sampling needs a language model" in refused.stderr
   assert "Traceback" not in refused.stderr

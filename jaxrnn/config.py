@@ -1,0 +1,148 @@
+"""Configs: one `validate(config)` before anything is built, and saved configs made whole.
+
+A config is an `ml_collections.ConfigDict` with the sections of `configs/default.py`, which
+holds every field with a comment: `task`, `model`, `data`, `train`. `validate` checks every
+field against the task and the cell, and each error names the field and its valid values,
+so a run fails in its first second rather than after compiling (or, worse, after training).
+`from_saved` merges a checkpoint's config onto today's defaults once, so fields added since
+that checkpoint was written read their defaults and no code needs `.get(field, default)`.
+"""
+
+from typing import Any, Callable
+
+import ml_collections
+
+from configs import default
+from jaxrnn import UserError, cells, data, layers, tasks
+
+Config = ml_collections.ConfigDict
+OPTIMIZERS = ("adam", "adamw", "sgd")  # built by train.make_optimizer
+SCHEDULES = ("constant", "cosine")  # built by train.learning_rate
+TOKENS = ("char", "word")
+POOLINGS = ("last", "mean")
+Rule = tuple[Callable[[Any], bool], str]  # (is the value valid?, what the valid values are)
+
+
+def _one_of(choices: Any) -> Rule:
+  return (lambda v: v in choices), "one of " + ", ".join(map(str, choices))
+
+
+def _at_least(low: int) -> Rule:
+  return (lambda v: v >= low), f">= {low}"
+
+
+# Fields whose valid values do not depend on other fields.
+RULES: dict[str, Rule] = {
+    "task": _one_of(tuple(tasks.TASKS)),
+    "model.cell": _one_of(tuple(cells.names())),
+    "model.hidden_size": _at_least(1),
+    "model.num_layers": _at_least(1),
+    "model.unroll": _at_least(1),
+    "model.impl": _one_of(layers.IMPLS),
+    "model.compute_dtype": _one_of(tuple(cells.DTYPES)),
+    "data.tokens": _one_of((None,) + TOKENS),
+    "data.batching": _one_of(data.BATCHINGS),
+    "data.batch_size": _at_least(1),
+    "data.seq_len": _at_least(1),
+    "data.max_vocab": ((lambda v: v == 0 or v >= 3), "0 (no cap) or >= 3"),
+    "train.steps": _at_least(1),
+    "train.optimizer": _one_of(OPTIMIZERS),
+    "train.schedule": _one_of(SCHEDULES),
+    "train.devices": (_at_least(0)[0], ">= 0 (0: all local devices)"),
+    "train.log_every": _at_least(1),
+    "train.ckpt_every": _at_least(1),
+    "train.keep": _at_least(1),
+    "train.eval_lanes": _at_least(1),
+    "train.eval_chunk": _at_least(1),
+}
+
+
+def field(config: Config, name: str) -> Any:
+  """The value of a dotted field name, e.g. field(config, "model.cell")."""
+  for part in name.split("."):
+    config = config[part]
+  return config
+
+
+def _fail(name: str, value: Any, valid: str) -> None:
+  raise UserError(f"{name} must be {valid}, got {value!r}")
+
+
+def _check_names(config: Config, reference: Config, prefix: str = "") -> None:
+  """Every field of `config` exists in `reference` (the defaults), section by section."""
+  for key, value in config.items():
+    if key not in reference:
+      raise UserError(f"unknown config field {prefix}{key}; valid fields here: "
+                      f"{', '.join(sorted(reference))}")
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_names(value, reference[key], f"{prefix}{key}.")
+
+
+def validate(config: Config) -> None:
+  """Raises a UserError naming the first field the run cannot use, and its valid values."""
+  _check_names(config, default.get_config())
+  for name, (valid, description) in RULES.items():
+    if not valid(value := field(config, name)):
+      _fail(name, value, description)
+  model_config, data_config = config.model, config.data
+  cells.from_config(model_config)  # the cell's own options: nonlinearity, forget_bias, ...
+  if not model_config.one_hot and model_config.embed_dim < 1:
+    _fail("model.embed_dim", model_config.embed_dim, ">= 1 (or set model.one_hot=True)")
+  corpus = data.CORPORA.get(data_config.corpus)
+  if config.task == "lm":
+    _check_lm(config, corpus)
+  else:
+    _check_classify(config, corpus)
+  if corpus is None or len(corpus.sources) == 1 or corpus.classes:  # corpora cut by fractions
+    data.fractions(corpus or data.Corpus(()), data_config)
+
+
+def _check_lm(config: Config, corpus: data.Corpus | None) -> None:
+  """A named corpus must be text (a path is resolved by `data.load_splits`)."""
+  if config.model.bidirectional:
+    raise UserError("model.bidirectional=True would let the language model see the future (the "
+                    "backward direction reads the tokens it must predict); set it to False, or "
+                    "use task=classify")
+  if corpus is not None and corpus.classes:
+    raise UserError(f"data.corpus={config.data.corpus!r} is labelled sentences: use it with "
+                    "task=classify")
+
+
+def _check_classify(config: Config, corpus: data.Corpus | None) -> None:
+  """A labelled corpus, an embedding, a pooling, and as many outputs as the corpus has classes."""
+  model_config = config.model
+  if corpus is None or not corpus.classes:
+    labelled = ", ".join(n for n, c in data.CORPORA.items() if c.classes)
+    raise UserError(f"task=classify needs a labelled sentence corpus ({labelled}), got "
+                    f"data.corpus={config.data.corpus!r}")
+  if model_config.one_hot:
+    raise UserError("the classifier reads words through an embedding: set model.one_hot=False")
+  if model_config.pooling not in POOLINGS:
+    _fail("model.pooling", model_config.pooling, _one_of(POOLINGS)[1])
+  classes = corpus.classes
+  binary = len(classes) == 2
+  if model_config.num_classes not in (len(classes), 1 if binary else len(classes)):
+    raise UserError(f"model.num_classes is {model_config.num_classes} but {config.data.corpus} "
+                    f"has {len(classes)} classes ({', '.join(classes)}); set it to {len(classes)}"
+                    + (" (softmax) or 1 (one sigmoid unit)" if binary else ""))
+
+
+def from_saved(saved: dict[str, Any]) -> Config:
+  """A checkpoint's config (as saved, a nested dict) merged onto `configs/default.py`.
+
+  Fields the saved config lacks are newer than the checkpoint, whose run had their defaults.
+  """
+  config = default.get_config()
+  _merge(config, saved, "")
+  return config
+
+
+def _merge(config: Config, saved: dict[str, Any], prefix: str) -> None:
+  for key, value in saved.items():
+    if key not in config:
+      raise UserError(f"the saved config has the field {prefix}{key}, which this version of "
+                      "jaxrnn does not know; use the version that wrote the checkpoint")
+    if isinstance(config[key], ml_collections.ConfigDict):
+      _merge(config[key], value, f"{prefix}{key}.")
+    else:
+      config[key] = value

@@ -1,0 +1,66 @@
+"""The run's metrics log: rows in `<workdir>/metrics.jsonl`, progress on stderr.
+
+One JSON object per line with `step`, `split` and `elapsed_s` (the run's wall time, summed
+over resumed sessions); train rows carry loss, grad_norm, lr and tokens_per_s, evaluation
+rows the task's figures. Progress is a tqdm bar on a terminal and plain lines otherwise.
+"""
+
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+
+class Log:
+  """Context manager over metrics.jsonl and the progress display, closed on every path.
+
+  On resume, rows past the restored step (written after the last checkpoint) are dropped,
+  since those steps run again. Only the main process of a multi-host run writes (`enabled`).
+  """
+
+  def __init__(self, workdir: pathlib.Path, steps: int, resumed_at: int = 0, enabled: bool = True):
+    self.path, self.steps, self.resumed_at, self.enabled = (
+        pathlib.Path(workdir) / "metrics.jsonl", steps, resumed_at, enabled)
+    self.file, self.bar = None, None
+    self.start, self.elapsed_before = time.perf_counter(), 0.0
+
+  def __enter__(self) -> "Log":
+    if not self.enabled:
+      return self
+    if self.path.exists():
+      kept = [json.loads(r) for r in self.path.read_text().splitlines()]
+      kept = [r for r in kept if r["step"] <= self.resumed_at]
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      self.elapsed_before = max((r.get("elapsed_s", 0.0) for r in kept), default=0.0)
+    self.file = open(self.path, "a")
+    if sys.stderr.isatty():
+      import tqdm  # the usual progress bar; only on an interactive terminal
+      self.bar = tqdm.tqdm(total=self.steps, initial=self.resumed_at, file=sys.stderr,
+                           dynamic_ncols=True)
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    if self.file is not None:
+      self.file.close()
+
+  def note(self, text: str) -> None:
+    """A line of progress (above the bar, if there is one)."""
+    if self.enabled:
+      (self.bar.write if self.bar else lambda s: print(s, file=sys.stderr))(text)
+
+  def write(self, row: dict[str, Any]) -> None:
+    """Appends one row (with `elapsed_s`) and shows it."""
+    if not self.enabled:
+      return
+    row = {**row, "elapsed_s": round(self.elapsed_before + time.perf_counter() - self.start, 3)}
+    self.file.write(json.dumps(row) + "\n")
+    self.file.flush()
+    if row["split"] == "train" and self.bar is not None:
+      self.bar.update(row["step"] - self.bar.n)
+      self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    else:
+      self.note(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in row.items()))

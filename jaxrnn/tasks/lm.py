@@ -1,0 +1,101 @@
+"""The language model task: predict each next token of a corpus, with the state carried.
+
+Metrics are sums (`nll_sum`, `tokens`), turned into perplexity `exp(nll_sum / tokens)` and
+bits per character `nll_sum / tokens / ln 2` on the host; per-batch figures are never
+averaged. Batches: inputs, targets<int>[b, t] (and mask<float>[b, t] in evaluation).
+"""
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+
+from jaxrnn import data, model, parallel
+
+Config = Any  # ml_collections.ConfigDict
+UNIT = "tokens"
+FINAL_SPLITS = ("val", "test")
+init = model.init
+initial_carry = model.initial_carry
+
+
+def prepare_data(config: Config, vocab: data.Vocab | None = None
+                 ) -> tuple[data.Vocab, dict[str, np.ndarray]]:
+  """The vocabulary (built on the training split unless given) and each split as ids<int>[n]."""
+  splits, level = data.load_splits(config.data)
+  vocab = data.Vocab.build(splits["train"], level) if vocab is None else vocab
+  return vocab, {name: vocab.encode(text) for name, text in splits.items()}
+
+
+def size(ids: np.ndarray) -> int:
+  """Targets in a split."""
+  return len(ids) - 1
+
+
+def train_batches(ids: np.ndarray, config: Config, position: int) -> data.SequentialBatches:
+  """The training stream (`data.batching`) from batch `position` on."""
+  return data.train_batches(ids, config.data, config.train.seed, position)
+
+
+def nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihood<float>[b, t] in nats."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+
+def loss(params: Any, carry: Any, batch: dict[str, jax.Array], model_config: Config,
+         rng: jax.Array) -> tuple[jax.Array, Any]:
+  """(mean next-token loss of batch {inputs, targets}<int>[b, t], the final carry)."""
+  carry, logits = model.apply(params, carry, batch["inputs"], model_config=model_config,
+                              train=True, rng=rng)
+  return nll(logits, batch["targets"]).mean(), carry
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], carry: Any, *,
+              model_config: Config) -> tuple[Any, jax.Array, jax.Array]:
+  """(carry, nll<float>[b], tokens<float>[b]) summed over one masked chunk, per lane; no dropout."""
+  carry, logits = model.apply(params, carry, batch["inputs"], model_config=model_config)
+  token_nll = nll(logits, batch["targets"]) * batch["mask"]
+  return carry, token_nll.sum(axis=1), batch["mask"].sum(axis=1)
+
+
+def make_evaluator(config: Config, devs: parallel.Devices | None = None
+                   ) -> Callable[[Any, np.ndarray], dict[str, float]]:
+  """`evaluate(params, ids<int>[n])`: loss, perplexity, bpc and tokens over a whole split.
+
+  The split is cut into `train.eval_lanes` contiguous lanes read side by side (split over
+  the devices), the state carried along each lane; every target counts once, padding never.
+  Per-lane sums are added up on the host in float64, in lane order, whatever the device count.
+  One lane is the exact sequential evaluation; 16 lanes differ from it only by the 15 lane
+  starts from a zero state. `devs`: all local devices by default.
+  """
+  devs = devs or parallel.devices()
+  lanes, chunk = config.train.eval_lanes, config.train.eval_chunk
+  parallel.check_divisible(lanes, devs, "train.eval_lanes")
+  step = parallel.pmap(functools.partial(eval_step, model_config=config.model), devs)
+  zeros = model.initial_carry(config.model, lanes)
+
+  def evaluate(params, ids):
+    params = parallel.replicate(params, devs)
+    carry = parallel.shard(parallel.process_rows(zeros, devs), devs)
+    nll_sum, tokens = 0.0, 0.0
+    for batch in data.eval_chunks(ids, lanes, chunk):
+      carry, chunk_nll, chunk_tokens = step(
+          params, parallel.shard(parallel.process_rows(batch, devs), devs), carry)
+      nll_sum += parallel.unshard(chunk_nll).astype(np.float64)
+      tokens += parallel.unshard(chunk_tokens).astype(np.float64)
+    nll_sum, tokens = parallel.all_rows((nll_sum, tokens), devs)
+    mean = float(nll_sum.sum() / tokens.sum())
+    return {"loss": mean, "perplexity": math.exp(mean), "bpc": mean / math.log(2),
+            "tokens": int(tokens.sum())}
+
+  return evaluate
+
+
+def summary(split: str, figures: dict[str, Any]) -> dict[str, Any]:
+  """Result keys: val_loss, perplexity, bpc, tokens; test_loss, test_perplexity, ..."""
+  prefix = "" if split == "val" else f"{split}_"
+  return {f"{split}_loss": figures["loss"],
+          **{prefix + k: figures[k] for k in ("perplexity", "bpc", "tokens")}}

@@ -1,0 +1,108 @@
+"""Tests for jaxrnn.config: every bad field is named before anything is built; saved configs
+are merged onto today's defaults."""
+
+import inspect
+
+import pytest
+
+from configs import default
+from jaxrnn import UserError, cells, config as config_lib, train
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"task": "translate"}, "task must be one of lm, classify, got 'translate'"),
+    ({"model": {"cell": "nope"}}, "model.cell must be one of rnn, gru, lstm"),
+    ({"model": {"hidden_size": 0}}, "model.hidden_size must be >= 1, got 0"),
+    ({"model": {"num_layers": 0}}, "model.num_layers must be >= 1, got 0"),
+    ({"model": {"embed_dim": 0}}, "model.embed_dim must be >= 1 \\(or set model.one_hot=True\\)"),
+    ({"model": {"impl": "cuda"}}, "model.impl must be one of fused, scan, got 'cuda'"),
+    ({"model": {"compute_dtype": "float16"}}, "model.compute_dtype must be one of"),
+    ({"model": {"cell": "rnn", "nonlinearity": "sigmoid"}}, "model.nonlinearity must be one of tanh"),
+    ({"model": {"cell": "gru", "forget_bias": 1.0}},
+     "model.forget_bias=1.0 does nothing for cell 'gru' \\(it applies to lstm, lnlstm\\)"),
+    ({"model": {"bidirectional": True}}, "would let the language model see the future.*False"),
+    ({"data": {"tokens": "byte"}}, "data.tokens must be one of None, char, word"),
+    ({"data": {"batching": "shuffled"}}, "data.batching must be one of sequential, random"),
+    ({"data": {"batch_size": -4}}, "data.batch_size must be >= 1, got -4"),
+    ({"data": {"seq_len": 0}}, "data.seq_len must be >= 1, got 0"),
+    ({"data": {"val_frac": 0.6, "test_frac": 0.5}}, "val=0.6, test=0.5 must be in \\[0, 1\\)"),
+    ({"data": {"corpus": "rt-polarity"}}, "rt-polarity.* is labelled sentences.*task=classify"),
+    ({"train": {"steps": 0}}, "train.steps must be >= 1, got 0"),
+    ({"train": {"optimizer": "lion"}}, "train.optimizer must be one of adam, adamw, sgd"),
+    ({"train": {"schedule": "linear"}}, "train.schedule must be one of constant, cosine"),
+    ({"train": {"keep": 0}}, "train.keep must be >= 1, got 0"),
+    ({"train": {"log_every": 0}}, "train.log_every must be >= 1, got 0"),
+    ({"train": {"eval_lanes": 0}}, "train.eval_lanes must be >= 1, got 0"),
+    ({"train": {"devices": -1}}, "train.devices must be >= 0"),
+])
+def test_lm_field_errors_name_the_field_and_valid_values(tiny_config, sections, message):
+  """Each bad LM field is a UserError naming the field and what it may be."""
+  with pytest.raises(UserError, match=message):
+    config_lib.validate(tiny_config(**sections))
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"model": {"num_classes": 3}}, "has 2 classes .*set it to 2 \\(softmax\\) or 1"),
+    ({"model": {"num_classes": 0}}, "model.num_classes is 0"),
+    ({"model": {"one_hot": True}}, "embedding: set model.one_hot=False"),
+    ({"model": {"pooling": "max"}}, "model.pooling must be one of last, mean, got 'max'"),
+    ({"data": {"max_vocab": 2}}, "data.max_vocab must be 0 \\(no cap\\) or >= 3, got 2"),
+    ({"data": {"corpus": "tinyshakespeare"}}, "labelled sentence corpus \\(rt-polarity\\)"),
+])
+def test_classify_field_errors_name_the_field(tiny_classify_config, sections, message):
+  """The classifier's own fields are checked against the corpus' classes."""
+  with pytest.raises(UserError, match=message):
+    config_lib.validate(tiny_classify_config(**sections))
+
+
+def test_errors_come_before_anything_is_built(tiny_config, tmp_path):
+  """train_and_evaluate refuses a bad field before it creates the workdir."""
+  with pytest.raises(UserError, match="train.optimizer"):
+    train.train_and_evaluate(tiny_config(train={"optimizer": "lion"}), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_field_is_named(tiny_config):
+  """A field configs/default.py does not have (a config built in Python) is named."""
+  config = tiny_config()
+  config.model.hiden_size = 3
+  with pytest.raises(UserError, match="unknown config field model.hiden_size"):
+    config_lib.validate(config)
+
+
+def test_the_shipped_configs_are_valid():
+  """Every config in configs/ passes validation as written."""
+  from configs import classify_rt, gru, lstm, rnn, shakespeare_cpu, shakespeare_gpu
+  for module in (default, classify_rt, gru, lstm, rnn, shakespeare_cpu, shakespeare_gpu):
+    config_lib.validate(module.get_config())
+
+
+def test_every_choice_builds():
+  """Every optimizer and schedule the validator accepts is one train.make_optimizer builds."""
+  config = default.get_config().train
+  for optimizer in config_lib.OPTIMIZERS:
+    for schedule in config_lib.SCHEDULES:
+      config.update(optimizer=optimizer, schedule=schedule, warmup_steps=2)
+      train.make_optimizer(config)
+
+
+def test_cell_options_defaults_agree_with_configs_default():
+  """Every cell option is a model field, with the same default in configs/default.py; every
+  cell takes compute_dtype."""
+  model_config = default.get_config().model
+  for option, value in cells.options().items():
+    assert model_config[option] == value, option
+  for name in cells.names():
+    assert "compute_dtype" in inspect.signature(cells._REGISTRY[name]).parameters, name
+
+
+def test_saved_configs_merge_onto_the_defaults():
+  """A config saved before a field existed reads that field's default; the saved values win;
+  a field this version does not know is refused."""
+  saved = {"model": {"cell": "gru", "hidden_size": 32}, "train": {"lr": 0.01}}
+  config = config_lib.from_saved(saved)
+  assert config.task == "lm" and config.model.impl == "fused" and config.model.embed_scale == 1.0
+  assert config.model.cell == "gru" and config.model.hidden_size == 32 and config.train.lr == 0.01
+  config_lib.validate(config)
+  with pytest.raises(UserError, match="field model.colour, which this version"):
+    config_lib.from_saved({"model": {"colour": "red"}})
