@@ -52,11 +52,15 @@ class Cell:
   initial_carry: Callable[[int, int], Carry]
   project: Callable[[Params, jax.Array], jax.Array]
   recur: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
-  dtype: Any = jnp.float32  # operand dtype of the matrix products (see `matmul`)
   core: Callable[[Params, Carry, jax.Array, jax.Array], tuple[Carry, jax.Array]] | None = None
+  dtype: Any = jnp.float32  # operand dtype of the matrix products (see `matmul`)
+  log_linear: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
   recurrent_weight: str | None = None
   core_reads: tuple[str, ...] = ()
-  log_linear: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
+
+  def __post_init__(self):
+    if (self.core is None) != (self.recurrent_weight is None):
+      raise ValueError(f"cell {self.name!r}: `core` and `recurrent_weight` come together")
 
   def step(self, params: Params, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]:
     """One time step: x<float>[b, d] -> (carry, y<float>[b, h])."""
@@ -133,13 +137,13 @@ def _gated(name: str, init: Callable[..., Params], initial_carry: Callable[[int,
            core: Callable[..., tuple[Carry, jax.Array]], compute_dtype: str,
            core_reads: tuple[str, ...] = ()) -> Cell:
   """A cell of the form gx = x W_ih + b, then core(params, carry, gx, h_prev W_hh)."""
-  dtype = _dtype(compute_dtype)
+  dtype, w_hh = _dtype(compute_dtype), "w_hh"
 
   def recur(params, carry, gx):
-    return core(params, carry, gx, matmul(hidden(carry), params["w_hh"], dtype))
+    return core(params, carry, gx, matmul(hidden(carry), params[w_hh], dtype))
 
-  return Cell(name, init, initial_carry, _input_projection(dtype), recur, dtype, core=core,
-              recurrent_weight="w_hh", core_reads=core_reads)
+  return Cell(name, init, initial_carry, _input_projection(dtype), recur, core, dtype,
+              recurrent_weight=w_hh, core_reads=core_reads)
 
 
 def rnn(nonlinearity: str = "tanh", compute_dtype: str = "float32") -> Cell:
@@ -235,7 +239,7 @@ def lnlstm(forget_bias: float = 0.0, compute_dtype: str = "float32") -> Cell:
     h = jax.nn.sigmoid(o) * jnp.tanh(_layer_norm(c, params["ln_c_gain"], params["ln_c_bias"]))
     return (h, c), h
 
-  return Cell("lnlstm", init, _lstm_carry, project, recur, dtype)
+  return Cell("lnlstm", init, _lstm_carry, project, recur, dtype=dtype)
 
 
 def _g(x: jax.Array) -> jax.Array:
@@ -267,7 +271,7 @@ def mingru(compute_dtype: str = "float32") -> Cell:
     return -jax.nn.softplus(k_z), -jax.nn.softplus(-k_z) + _log_g(k_h)  # log(1 - z), log(z g)
 
   return Cell("mingru", lambda key, d, h: _init_input(key, d, h, 2), _zeros,
-              _input_projection(dtype), recur, dtype, log_linear=log_linear)
+              _input_projection(dtype), recur, dtype=dtype, log_linear=log_linear)
 
 
 def minlstm(compute_dtype: str = "float32") -> Cell:
@@ -290,7 +294,7 @@ def minlstm(compute_dtype: str = "float32") -> Cell:
     return -jax.nn.softplus(diff), -jax.nn.softplus(-diff) + _log_g(k_h)  # log f', log i' g
 
   return Cell("minlstm", lambda key, d, h: _init_input(key, d, h, 3), _zeros,
-              _input_projection(dtype), recur, dtype, log_linear=log_linear)
+              _input_projection(dtype), recur, dtype=dtype, log_linear=log_linear)
 
 
 def indrnn(compute_dtype: str = "float32") -> Cell:
@@ -309,7 +313,7 @@ def indrnn(compute_dtype: str = "float32") -> Cell:
     h = jax.nn.relu(gx + params["u"] * h)
     return h, h
 
-  return Cell("indrnn", init, _zeros, _input_projection(dtype), recur, dtype)
+  return Cell("indrnn", init, _zeros, _input_projection(dtype), recur, dtype=dtype)
 
 
 _REGISTRY: dict[str, Callable[..., Cell]] = {
@@ -334,13 +338,17 @@ def options() -> dict[str, Any]:
           for name, p in inspect.signature(factory).parameters.items()}
 
 
+def takes(name: str) -> set[str]:
+  """The options cell `name` takes."""
+  return set(inspect.signature(_REGISTRY[name]).parameters)
+
+
 def get(name: str, **cell_options: Any) -> Cell:
   """The cell registered as `name`, built with its options (e.g. nonlinearity, forget_bias)."""
   if name not in _REGISTRY:
     raise UserError(f"unknown cell {name!r}; valid cells: {', '.join(_REGISTRY)}")
-  takes = inspect.signature(_REGISTRY[name]).parameters
-  if unknown := sorted(set(cell_options) - set(takes)):
-    raise UserError(f"cell {name!r} does not take options {unknown}; it takes {sorted(takes)}")
+  if unknown := sorted(set(cell_options) - takes(name)):
+    raise UserError(f"cell {name!r} does not take options {unknown}; it takes {sorted(takes(name))}")
   return _REGISTRY[name](**cell_options)
 
 
@@ -352,10 +360,9 @@ def from_config(model_config: Any) -> Cell:
   """
   name = model_config.cell
   get(name)  # an unknown name fails here, with the list of valid ones
-  takes = inspect.signature(_REGISTRY[name]).parameters
   for option, default in options().items():
-    if option not in takes and model_config[option] != default:
-      users = [n for n, f in _REGISTRY.items() if option in inspect.signature(f).parameters]
+    if option not in takes(name) and model_config[option] != default:
+      users = [n for n in _REGISTRY if option in takes(n)]
       raise UserError(f"model.{option}={model_config[option]!r} does nothing for cell {name!r} "
                       f"(it applies to {', '.join(users)}); leave it at {default!r}")
-  return get(name, **{option: model_config[option] for option in takes})
+  return get(name, **{option: model_config[option] for option in takes(name)})

@@ -8,6 +8,8 @@ so a run fails in its first second rather than after compiling (or, worse, after
 that checkpoint was written read their defaults and no code needs `.get(field, default)`.
 """
 
+import math
+import sys
 from typing import Any, Callable
 
 import ml_collections
@@ -31,6 +33,10 @@ def _at_least(low: int) -> Rule:
   return (lambda v: v >= low), f">= {low}"
 
 
+def _finite_at_least(low: float) -> Rule:
+  return (lambda v: math.isfinite(v) and v >= low), f"a finite number >= {low}"
+
+
 # Fields whose valid values do not depend on other fields.
 RULES: dict[str, Rule] = {
     "task": _one_of(tuple(tasks.TASKS)),
@@ -38,6 +44,8 @@ RULES: dict[str, Rule] = {
     "model.hidden_size": _at_least(1),
     "model.num_layers": _at_least(1),
     "model.unroll": _at_least(1),
+    "model.embed_scale": _finite_at_least(0.0),
+    "model.dropout": ((lambda v: 0.0 <= v < 1.0), "in [0, 1) (the fraction of units dropped)"),
     "model.impl": _one_of(layers.IMPLS),
     "model.compute_dtype": _one_of(tuple(cells.DTYPES)),
     "data.tokens": _one_of((None,) + TOKENS),
@@ -47,9 +55,14 @@ RULES: dict[str, Rule] = {
     "data.max_vocab": ((lambda v: v == 0 or v >= 3), "0 (no cap) or >= 3"),
     "train.steps": _at_least(1),
     "train.optimizer": _one_of(OPTIMIZERS),
+    "train.lr": _finite_at_least(0.0),
+    "train.warmup_steps": _at_least(0),
+    "train.weight_decay": _finite_at_least(0.0),
+    "train.clip_norm": (_finite_at_least(0.0)[0], "a finite number >= 0 (0 turns clipping off)"),
     "train.schedule": _one_of(SCHEDULES),
     "train.devices": (_at_least(0)[0], ">= 0 (0: all local devices)"),
     "train.log_every": _at_least(1),
+    "train.eval_every": (_at_least(0)[0], ">= 0 (0: only at the end)"),
     "train.ckpt_every": _at_least(1),
     "train.keep": _at_least(1),
     "train.eval_lanes": _at_least(1),
@@ -94,11 +107,14 @@ def validate(config: Config) -> None:
   else:
     _check_classify(config, corpus)
   if corpus is None or len(corpus.sources) == 1 or corpus.classes:  # corpora cut by fractions
-    data.fractions(corpus or data.Corpus(()), data_config)
+    val_frac, _ = data.fractions(corpus or data.Corpus(()), data_config)
+    if val_frac == 0:
+      raise UserError("data.val_frac is 0, which leaves no validation split to measure the run "
+                      "on; set it above 0 (e.g. 0.1)")
 
 
 def _check_lm(config: Config, corpus: data.Corpus | None) -> None:
-  """A named corpus must be text (a path is resolved by `data.load_splits`)."""
+  """The corpus must be a text corpus' name or a text file."""
   if config.model.bidirectional:
     raise UserError("model.bidirectional=True would let the language model see the future (the "
                     "backward direction reads the tokens it must predict); set it to False, or "
@@ -106,6 +122,8 @@ def _check_lm(config: Config, corpus: data.Corpus | None) -> None:
   if corpus is not None and corpus.classes:
     raise UserError(f"data.corpus={config.data.corpus!r} is labelled sentences: use it with "
                     "task=classify")
+  if corpus is None:
+    data.text_file(config.data.corpus)
 
 
 def _check_classify(config: Config, corpus: data.Corpus | None) -> None:
@@ -131,18 +149,25 @@ def from_saved(saved: dict[str, Any]) -> Config:
   """A checkpoint's config (as saved, a nested dict) merged onto `configs/default.py`.
 
   Fields the saved config lacks are newer than the checkpoint, whose run had their defaults.
+  Fields this version does not know are dropped with a note, and cell options the saved cell
+  does not take (which had no effect on that run) are reset to their defaults, so that every
+  checkpoint written before these checks existed still restores.
   """
   config = default.get_config()
   _merge(config, saved, "")
+  if config.model.cell in cells.names():
+    for option, value in cells.options().items():
+      if option not in cells.takes(config.model.cell):
+        config.model[option] = value
   return config
 
 
 def _merge(config: Config, saved: dict[str, Any], prefix: str) -> None:
   for key, value in saved.items():
     if key not in config:
-      raise UserError(f"the saved config has the field {prefix}{key}, which this version of "
-                      "jaxrnn does not know; use the version that wrote the checkpoint")
-    if isinstance(config[key], ml_collections.ConfigDict):
+      print(f"note: ignoring the saved config's field {prefix}{key}, which this version of jaxrnn "
+            "does not know", file=sys.stderr)
+    elif isinstance(config[key], ml_collections.ConfigDict):
       _merge(config[key], value, f"{prefix}{key}.")
     else:
       config[key] = value

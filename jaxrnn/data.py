@@ -186,8 +186,8 @@ def fractions(corpus: Corpus, data_config: Any) -> tuple[float, float]:
   val_frac = corpus.fractions[0] if data_config.val_frac is None else data_config.val_frac
   test_frac = corpus.fractions[1] if data_config.test_frac is None else data_config.test_frac
   if not (0.0 <= val_frac < 1 and 0.0 <= test_frac < 1 and val_frac + test_frac < 1):
-    raise UserError(f"split fractions val={val_frac}, test={test_frac} must be in [0, 1) with "
-                    "val + test < 1")
+    raise UserError(f"data.val_frac and data.test_frac: split fractions val={val_frac}, "
+                    f"test={test_frac} must be in [0, 1) with val + test < 1")
   return val_frac, test_frac
 
 
@@ -200,15 +200,21 @@ def split_text(text: str, val_frac: float, test_frac: float) -> dict[str, str]:
   return {"train": text[:val_start], "val": text[val_start:test_start], "test": text[test_start:]}
 
 
+def text_file(name: str) -> pathlib.Path:
+  """The path a corpus name that is not in CORPORA stands for; a UserError if no such file."""
+  path = pathlib.Path(name).expanduser()
+  if not path.is_file():
+    raise UserError(f"unknown corpus {name!r}: neither a file nor one of {', '.join(CORPORA)}")
+  return path
+
+
 def load_splits(data_config: Any) -> tuple[dict[str, str], str]:
   """({'train', 'val', 'test'} texts, vocabulary level) for `data_config.corpus`, a text
   corpus' name or a path."""
   name = data_config.corpus
   corpus = CORPORA.get(name)
   if corpus is None:
-    path = pathlib.Path(name).expanduser()
-    if not path.is_file():
-      raise UserError(f"unknown corpus {name!r}: neither a file nor one of {', '.join(CORPORA)}")
+    path = text_file(name)
     corpus, paths = Corpus(()), [path]
   else:
     paths = [locate(s) for s in corpus.sources]
@@ -355,7 +361,10 @@ def train_batches(ids: np.ndarray, data_config: Any, seed: int,
   """The training iterator named by `data_config.batching` (one of BATCHINGS)."""
   if data_config.batching == "sequential":
     return SequentialBatches(ids, data_config.batch_size, data_config.seq_len, position)
-  return RandomWindows(ids, data_config.batch_size, data_config.seq_len, seed, position)
+  if data_config.batching == "random":
+    return RandomWindows(ids, data_config.batch_size, data_config.seq_len, seed, position)
+  raise UserError(f"data.batching must be one of {', '.join(BATCHINGS)}, got "
+                  f"{data_config.batching!r}")
 
 
 def eval_chunks(ids: np.ndarray, lanes: int, chunk_len: int) -> Iterator[dict[str, np.ndarray]]:

@@ -6,10 +6,34 @@ rows the task's figures. Progress is a tqdm bar on a terminal and plain lines ot
 """
 
 import json
+import os
 import pathlib
 import sys
 import time
 from typing import Any
+
+
+def read_rows(path: pathlib.Path) -> tuple[list[dict[str, Any]], int]:
+  """(rows, lines dropped) of a metrics.jsonl: a line that is not a JSON object (one cut short
+  by a crash or a full disk mid-write) is dropped rather than jamming every later start."""
+  rows, dropped = [], 0
+  for line in pathlib.Path(path).read_text(errors="replace").splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      row = None
+    if isinstance(row, dict) and "step" in row:
+      rows.append(row)
+    elif line.strip():
+      dropped += 1
+  return rows, dropped
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  """Replaces `path` with `text` in one rename, so a crash leaves the old file or the new one."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
 
 
 class Log:
@@ -29,9 +53,12 @@ class Log:
     if not self.enabled:
       return self
     if self.path.exists():
-      kept = [json.loads(r) for r in self.path.read_text().splitlines()]
-      kept = [r for r in kept if r["step"] <= self.resumed_at]
-      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      rows, dropped = read_rows(self.path)
+      if dropped:
+        print(f"note: dropped {dropped} unreadable line(s) of {self.path} (a write cut short)",
+              file=sys.stderr)
+      kept = [r for r in rows if r["step"] <= self.resumed_at]
+      _write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
       self.elapsed_before = max((r.get("elapsed_s", 0.0) for r in kept), default=0.0)
     self.file = open(self.path, "a")
     if sys.stderr.isatty():

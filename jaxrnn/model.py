@@ -138,7 +138,7 @@ def apply_classifier(params: dict[str, Any], tokens: jax.Array, lengths: jax.Arr
                            bidirectional=bidirectional, lengths=lengths)
   features = _pool(ys, lengths, model_config.pooling, bidirectional)
   features = layers.dropout(features, model_config.dropout, k_out)
-  return _head(params, features, cell.dtype)
+  return _head(params, features, jnp.float32)  # float32, as the classifier always had
 
 
 def num_params(params: Any) -> int:

@@ -75,7 +75,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
 
   Returns the new state, the final carry (for the next batch of the same lanes; gradients
   never flow through it, since it enters as an argument) and metrics: mean loss (nats per
-  token or sentence), gradient global norm before clipping, learning rate. Under
+  token or sentence), gradient global norm before clipping, learning rate, and whether the
+  updated parameters are all finite (the NaN guard's second half). Under
   `parallel.pmap` with `across_devices`, gradients and loss are averaged over devices, and
   each row's dropout key comes from its global row index, so any device count gives the same step.
   """
@@ -92,8 +93,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
     loss, grads = parallel.mean((loss, grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
   step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                  "lr": learning_rate(config.train)(state.step)}
+                  "lr": learning_rate(config.train)(state.step), "params_finite": params_finite}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, new_carry, step_metrics
 
@@ -118,17 +120,34 @@ def due(step: int, train_config: Config, preempted: bool = False) -> Due:
              save=last or preempted or every(train_config.ckpt_every))
 
 
+def _diverged(what: str, train_config: Config) -> UserError:
+  return UserError(f"{what}; nothing after the last checkpoint was saved: lower train.lr (now "
+                   f"{train_config.lr}) or train.clip_norm (now {train_config.clip_norm}) and "
+                   "run again to resume from it")
+
+
 def _read_back(pending: list[dict[str, jax.Array]], step: int,
                train_config: Config) -> dict[str, float]:
-  """The metrics of `step` as floats, after checking that the losses of `pending`, the steps
-  since the last read-back (ending at `step`), are all finite."""
-  for i, step_metrics in enumerate(pending):
-    loss = float(parallel.unreplicate(step_metrics["loss"]))
+  """The metrics of `step` as floats, after checking the steps of `pending` (those since the
+  last read-back, ending at `step`): each loss finite, and the parameters after each update."""
+  host = jax.device_get([parallel.unreplicate(m) for m in pending])  # one transfer
+  for i, step_metrics in enumerate(host):
+    at, loss = step - len(pending) + 1 + i, float(step_metrics["loss"])
     if not math.isfinite(loss):
-      raise UserError(f"loss is {loss} at step {step - len(pending) + 1 + i}; lower train.lr "
-                      f"(now {train_config.lr}) or set train.clip_norm (now "
-                      f"{train_config.clip_norm}) lower")
-  return {k: float(v) for k, v in parallel.unreplicate(pending[-1]).items()}
+      raise _diverged(f"loss is {loss} at step {at}", train_config)
+    if not step_metrics["params_finite"]:
+      raise _diverged(f"the update at step {at} made the parameters non-finite (loss {loss:.4g}, "
+                      f"gradient norm {float(step_metrics['grad_norm']):.4g})", train_config)
+  return {k: float(v) for k, v in host[-1].items()}
+
+
+def _check_figures(figures: dict[str, dict[str, Any]], step: int, train_config: Config) -> None:
+  """Stops a run whose evaluation diverged (a non-finite loss, or a perplexity past float range)
+  before its figures are saved or printed."""
+  for split, row in figures.items():
+    if not (math.isfinite(row["loss"]) and math.isfinite(row.get("perplexity", 0.0))):
+      raise _diverged(f"the {split} loss is {row['loss']:.4g} nats at step {step}",
+                      train_config)
 
 
 class _Speed:
@@ -183,6 +202,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   def evaluate_splits(log, step, params, names):
     figures = {s: evaluate(params, splits[s]) for s in names if task.size(splits[s]) > 0}
+    _check_figures(figures, step, config.train)
     for split, row in figures.items():
       log.write({"step": step, "split": split, **row})
     return figures
@@ -196,11 +216,13 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       reset, batch = next(batches)
       state, carry, step_metrics = step_fn(state, local(batch), zeros if reset else carry)
       pending.append(step_metrics)
-      when = due(step, config.train, preemption.requested)
+      preempted = preemption.requested  # read once: a signal may arrive at any moment
+      when = due(step, config.train, preempted)
       if not when:
         continue  # no read-back: the host runs ahead and queues the next step
-      # Every log, evaluation and save comes after this read-back of all losses since the
-      # last one, which waits for the step and stops a non-finite run before anything is saved.
+      # Every log, evaluation and save comes after this read-back of all steps since the last
+      # one, which waits for the step and stops a run whose loss or parameters turned
+      # non-finite before anything of it is saved.
       step_metrics, pending = _read_back(pending, step, config.train), []
       speed.pause()
       if when.log:
@@ -214,7 +236,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         checkpoint.save(mngr, parallel.unreplicate(state),
                         parallel.all_rows(parallel.unshard(carry), devs), batches.position, config,
                         vocab, val_loss=val_loss)
-      if preemption.requested:
+      if preempted:
         return {"step": step, "preempted": True}
       speed.resume()
     if not evals:  # the workdir's run had already finished: report it again

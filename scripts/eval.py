@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxrnn import UserError, checkpoint, tasks
+from jaxrnn import UserError, checkpoint, config as config_lib, tasks
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "val", ["train", "val", "test"], "Split to evaluate.")
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> None:
     config, vocab, params, step = checkpoint.load_run(_WORKDIR.value, _STEP.value)
     if _CORPUS.value:
       config.data.corpus = _CORPUS.value
+      config_lib.validate(config)  # the corpus must suit the run's task
     task = tasks.get(config.task)
     _, splits = task.prepare_data(config, vocab)
     result = task.make_evaluator(config)(params, splits[_SPLIT.value])

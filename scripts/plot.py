@@ -12,6 +12,8 @@ import sys
 
 from absl import app, flags
 
+from jaxrnn import metrics
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir; more may follow as arguments.",
                                required=True)
 _OUT = flags.DEFINE_string("out", "curves.png", "Where to write the PNG.")
@@ -24,10 +26,10 @@ def _label(workdir: pathlib.Path) -> str:
 
 def _rows(workdir: pathlib.Path) -> list[dict]:
   path = workdir / "metrics.jsonl"
-  lines = [l for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
-  if not lines:
+  rows = metrics.read_rows(path)[0] if path.is_file() else []
+  if not rows:
     raise ValueError(f"no metrics in {workdir}: expected {path} from scripts/train.py")
-  return [json.loads(line) for line in lines]
+  return rows
 
 
 def main(argv: list[str]) -> None:

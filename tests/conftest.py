@@ -16,7 +16,8 @@ TINY_TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40
 # The smallest model and batches that still exercise every code path, section by section.
 TINY_LM = {"model": {"hidden_size": 16, "embed_dim": 8},
            "data": {"batch_size": 4, "seq_len": 8},
-           "train": {"steps": 5, "log_every": 1, "eval_every": 0, "eval_lanes": 2}}
+           "train": {"steps": 5, "log_every": 1, "eval_every": 0, "eval_lanes": 2,
+                     "eval_chunk": 8}}
 TINY_CLASSIFY = {"task": "classify",
                  "model": {"hidden_size": 8, "embed_dim": 8},
                  "data": {"corpus": "rt-polarity", "batch_size": 8, "seq_len": 16,
@@ -98,3 +99,13 @@ def run_script(name: str, *args: str, devices: int | None = None,
 def script() -> Callable[..., subprocess.CompletedProcess]:
   """script(name, *args, devices=None): runs one of scripts/*.py as a user would."""
   return run_script
+
+
+@pytest.fixture
+def nan_updates(monkeypatch) -> Callable[[], None]:
+  """nan_updates(): from then on every optimizer update is NaN (the schedule returns NaN), a
+  fault injected past the config validator (which refuses train.lr=nan) for the NaN guard."""
+  import jax.numpy as jnp
+  from jaxrnn import train
+  return lambda: monkeypatch.setattr(train, "learning_rate",
+                                     lambda train_config: lambda step: jnp.nan)

@@ -113,18 +113,36 @@ def test_changing_the_model_shape_on_resume_is_refused(ckpt_config, tmp_path):
     train.train_and_evaluate(config, str(workdir))
 
 
-def test_nan_loss_keeps_the_good_checkpoint(ckpt_config, tmp_path):
+def test_nan_loss_keeps_the_good_checkpoint(ckpt_config, nan_updates, tmp_path):
   """A run that turns NaN after resuming stops without saving; the last good checkpoint stays."""
   workdir = tmp_path / "run"
   train.train_and_evaluate(ckpt_config(5), str(workdir))
   *_, good, _ = checkpoint.load_run(str(workdir))
-  config = ckpt_config(10)
-  config.train.lr = float("nan")
-  with pytest.raises(UserError, match="at step 7"):
-    train.train_and_evaluate(config, str(workdir))
+  nan_updates()
+  with pytest.raises(UserError, match="at step 6"):
+    train.train_and_evaluate(ckpt_config(10), str(workdir))
   assert checkpoint.manager(workdir).all_steps() == [5]
   *_, params, _ = checkpoint.load_run(str(workdir))
   assert_trees_equal(params, good)
+
+
+def test_a_nan_update_at_a_save_step_keeps_the_good_checkpoint(ckpt_config, nan_updates,
+                                                              tmp_path):
+  """keep=1: resuming a 10-step run with lr=nan for one more step (a save step, the last)
+  stops before saving; checkpoint 10 stays, unchanged, and nothing non-finite is logged."""
+  workdir = tmp_path / "run"
+  config = ckpt_config(10)
+  config.train.keep = 1
+  train.train_and_evaluate(config, str(workdir))
+  good = checkpoint.load_run(str(workdir))[2]
+  config = ckpt_config(11)
+  config.train.keep = 1
+  nan_updates()
+  with pytest.raises(UserError, match="update at step 11 made the parameters non-finite"):
+    train.train_and_evaluate(config, str(workdir))
+  assert checkpoint.manager(workdir).all_steps() == [10]
+  assert_trees_equal(checkpoint.load_run(str(workdir))[2], good)
+  assert "NaN" not in (workdir / "metrics.jsonl").read_text()
 
 
 def test_keeps_latest_and_best(ckpt_config, tmp_path):

@@ -27,6 +27,8 @@ from jaxrnn import UserError, cells, config as config_lib, train
     ({"data": {"seq_len": 0}}, "data.seq_len must be >= 1, got 0"),
     ({"data": {"val_frac": 0.6, "test_frac": 0.5}}, "val=0.6, test=0.5 must be in \\[0, 1\\)"),
     ({"data": {"corpus": "rt-polarity"}}, "rt-polarity.* is labelled sentences.*task=classify"),
+    ({"data": {"corpus": "/no/such/file.txt"}}, "unknown corpus '/no/such/file.txt': neither a "
+                                                "file nor one of tinyshakespeare"),
     ({"train": {"steps": 0}}, "train.steps must be >= 1, got 0"),
     ({"train": {"optimizer": "lion"}}, "train.optimizer must be one of adam, adamw, sgd"),
     ({"train": {"schedule": "linear"}}, "train.schedule must be one of constant, cosine"),
@@ -34,6 +36,16 @@ from jaxrnn import UserError, cells, config as config_lib, train
     ({"train": {"log_every": 0}}, "train.log_every must be >= 1, got 0"),
     ({"train": {"eval_lanes": 0}}, "train.eval_lanes must be >= 1, got 0"),
     ({"train": {"devices": -1}}, "train.devices must be >= 0"),
+    ({"model": {"dropout": 1.5}}, "model.dropout must be in \\[0, 1\\)"),
+    ({"model": {"dropout": -0.5}}, "model.dropout must be in \\[0, 1\\)"),
+    ({"model": {"dropout": 1.0}}, "model.dropout must be in \\[0, 1\\)"),
+    ({"train": {"lr": -1.0}}, "train.lr must be a finite number >= 0.0, got -1.0"),
+    ({"train": {"lr": float("nan")}}, "train.lr must be a finite number >= 0.0, got nan"),
+    ({"train": {"clip_norm": -1.0}}, "train.clip_norm must be a finite number >= 0"),
+    ({"train": {"warmup_steps": -10}}, "train.warmup_steps must be >= 0, got -10"),
+    ({"train": {"eval_every": -5}}, "train.eval_every must be >= 0 \\(0: only at the end\\)"),
+    ({"train": {"weight_decay": -0.1}}, "train.weight_decay must be a finite number >= 0"),
+    ({"data": {"val_frac": 0.0}}, "data.val_frac is 0, which leaves no validation split"),
 ])
 def test_lm_field_errors_name_the_field_and_valid_values(tiny_config, sections, message):
   """Each bad LM field is a UserError naming the field and what it may be."""
@@ -104,5 +116,12 @@ def test_saved_configs_merge_onto_the_defaults():
   assert config.task == "lm" and config.model.impl == "fused" and config.model.embed_scale == 1.0
   assert config.model.cell == "gru" and config.model.hidden_size == 32 and config.train.lr == 0.01
   config_lib.validate(config)
-  with pytest.raises(UserError, match="field model.colour, which this version"):
-    config_lib.from_saved({"model": {"colour": "red"}})
+
+
+def test_older_checkpoints_configs_still_restore(capsys):
+  """What older versions accepted restores: an option the saved cell does not take (it had no
+  effect) reads its default; a field this version does not know is dropped with a note."""
+  config = config_lib.from_saved({"model": {"cell": "gru", "forget_bias": 1.0, "colour": "red"}})
+  assert config.model.forget_bias == 0.0 and "colour" not in config.model
+  assert "ignoring the saved config's field model.colour" in capsys.readouterr().err
+  config_lib.validate(config)

@@ -40,3 +40,18 @@ def test_a_disabled_log_writes_nothing(tmp_path):
   with metrics.Log(tmp_path, steps=5, enabled=False) as log:
     log.write({"step": 1, "split": "val", "loss": 2.0})
   assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_torn_last_line_is_dropped_and_the_run_goes_on(tmp_path, capsys):
+  """Half a line at the end (a crash or a full disk mid-write) is dropped with a note; the
+  rewrite keeps every whole row and leaves no temporary file behind."""
+  with metrics.Log(tmp_path, steps=30) as log:
+    for step in (10, 20):
+      log.write({"step": step, "split": "val", "loss": 1.0})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 30, "split": "tra')
+  with metrics.Log(tmp_path, steps=30, resumed_at=20) as log:
+    log.write({"step": 30, "split": "val", "loss": 0.5})
+  assert [r["step"] for r in rows(tmp_path)] == [10, 20, 30]
+  assert "dropped 1 unreadable line" in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

@@ -116,6 +116,8 @@ def test_classify_config_trains_and_eval_reads_the_test_split(script, tmp_path):
   evaluated = json.loads(proc.stdout)
   assert evaluated["split"] == "test" and evaluated["examples"] == 1066
   assert 0.0 <= evaluated["accuracy"] <= 1.0 and evaluated["loss"] > 0
+  mismatched = script("eval.py", f"--workdir={workdir}", "--corpus=tinyshakespeare")
+  assert mismatched.returncode == 2 and "labelled sentence corpus" in mismatched.stderr
   refused = script("sample.py", f"--workdir={workdir}")
   assert refused.returncode == 2 and "sampling needs a language model" in refused.stderr
   assert "Traceback" not in refused.stderr

@@ -112,3 +112,14 @@ def test_training_batches_come_as_reset_and_arrays(tiny_config):
   _, batch = next(batches)
   assert set(batch) == {"inputs", "targets"} and batch["inputs"].shape == (4, 8)
   assert isinstance(data.train_batches(ids["train"], config.data, 0), data.SequentialBatches)
+
+
+def test_a_loss_past_exps_range_is_an_infinite_perplexity(tiny_config):
+  """A head that puts -1000 nats on every target gives perplexity inf, not an OverflowError."""
+  config = tiny_config()
+  vocab, ids = lm.prepare_data(config)
+  params = model.init(jax.random.key(0), config.model, len(vocab))
+  params["head"] = {"w": jnp.zeros_like(params["head"]["w"]),
+                    "b": jnp.zeros(len(vocab)).at[vocab.unk_id].set(1000.0)}
+  result = lm.make_evaluator(config)(params, ids["val"])
+  assert result["loss"] == pytest.approx(1000.0, rel=1e-3) and result["perplexity"] == np.inf

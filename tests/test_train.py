@@ -84,18 +84,22 @@ def test_due_logs_evaluates_and_saves_on_their_periods_and_all_at_the_end():
   assert train.due(3, config, preempted=True) == train.Due(log=False, evaluate=False, save=True)
 
 
-def test_nan_loss_stops_the_run(tiny_config, tmp_path):
-  """A NaN learning rate poisons the params; the run stops at step 2 with advice."""
-  config = tiny_config(train={"lr": float("nan")})
-  with pytest.raises(UserError, match="at step 2.*lower train.lr"):
+def test_nan_update_stops_the_run_at_that_step(tiny_config, nan_updates, tmp_path):
+  """NaN updates poison the params in step 1: the run stops at step 1 (not at step 2, where
+  the loss first shows it) with advice."""
+  nan_updates()
+  config = tiny_config()
+  with pytest.raises(UserError, match="update at step 1 made the parameters non-finite.*lower "
+                                      "train.lr"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def test_nan_between_read_backs_is_found_before_the_save(tiny_config, tmp_path):
-  """With losses read back only every 5 steps, the NaN that began at step 2 is reported as
-  step 2 at the step-5 read-back, which comes before the step-5 save: nothing is saved."""
-  config = tiny_config(train={"lr": float("nan"), "log_every": 5, "ckpt_every": 5})
-  with pytest.raises(UserError, match="loss is nan at step 2;"):
+def test_nan_between_read_backs_is_found_before_the_save(tiny_config, nan_updates, tmp_path):
+  """With results read back only every 5 steps, the NaN that began in step 1's update is
+  reported as step 1 at the step-5 read-back, which comes before the step-5 save."""
+  nan_updates()
+  config = tiny_config(train={"log_every": 5, "ckpt_every": 5})
+  with pytest.raises(UserError, match="update at step 1 made the parameters non-finite"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert checkpoint.manager(tmp_path / "run").all_steps() == []
   assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""
@@ -132,3 +136,32 @@ def test_mingru_trains_the_lm_with_no_other_change(tiny_config, tmp_path):
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
   vocab, _ = lm.prepare_data(config)
   assert math.isfinite(result["val_loss"]) and result["val_loss"] < 0.9 * math.log(len(vocab))
+
+
+def test_an_exploding_run_saves_nothing_non_finite(tiny_config, tmp_path):
+  """A ReLU RNN under SGD at lr 100 without clipping: a finite loss with an infinite gradient,
+  then NaN parameters. The run stops there, and every checkpoint it left is finite."""
+  config = tiny_config(model={"cell": "rnn", "nonlinearity": "relu"},
+                       train={"optimizer": "sgd", "lr": 100.0, "clip_norm": 0.0, "steps": 50,
+                              "ckpt_every": 3, "log_every": 3})
+  with pytest.raises(UserError, match="non-finite|loss is"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  mngr = checkpoint.manager(tmp_path / "run")
+  for step in mngr.all_steps():
+    params = checkpoint.load_run(str(tmp_path / "run"), step)[2]
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params)), step
+
+
+def test_a_diverged_validation_stops_the_run(tiny_config, tmp_path, monkeypatch):
+  """A validation loss past exp's range (perplexity overflows) stops the run with the guard's
+  message before the step is saved, instead of an OverflowError."""
+  real = lm.make_evaluator
+
+  def huge(config, devs=None):
+    evaluate = real(config, devs)
+    return lambda params, ids: {**evaluate(params, ids), "loss": 800.0, "perplexity": math.inf}
+
+  monkeypatch.setattr(lm, "make_evaluator", huge)
+  with pytest.raises(UserError, match="val loss is 800 nats at step 5.*lower train.lr"):
+    train.train_and_evaluate(tiny_config(train={"eval_every": 5}), str(tmp_path / "run"))
+  assert checkpoint.manager(tmp_path / "run").all_steps() == []

@@ -63,8 +63,6 @@ def load_sentences(data_config: Config) -> tuple[dict[str, Sentences], tuple[str
 def word_vocab(sentences: list[list[str]], max_size: int = 0) -> data.Vocab:
   """`<pad>` (id 0), the most frequent words (ties in alphabetical order), `<unk>`: at most
   `max_size` tokens in all; 0 keeps every word."""
-  if max_size and max_size < 3:
-    raise UserError(f"data.max_vocab must be 0 (no cap) or >= 3, got {max_size}")
   counts = collections.Counter(w for words in sentences for w in words)
   words = sorted(set(counts) - {data.PAD, data.UNK}, key=lambda w: (-counts[w], w))
   return data.Vocab((data.PAD, *words[:max_size - 2 if max_size else None], data.UNK), "word")

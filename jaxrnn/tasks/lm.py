@@ -7,6 +7,7 @@ averaged. Batches: inputs, targets<int>[b, t] (and mask<float>[b, t] in evaluati
 
 import functools
 import math
+import sys
 from typing import Any, Callable
 
 import jax
@@ -18,6 +19,7 @@ from jaxrnn import data, model, parallel
 Config = Any  # ml_collections.ConfigDict
 UNIT = "tokens"
 FINAL_SPLITS = ("val", "test")
+_MAX_LOG = math.log(sys.float_info.max)  # about 709.78: exp of more overflows
 init = model.init
 initial_carry = model.initial_carry
 
@@ -88,7 +90,8 @@ def make_evaluator(config: Config, devs: parallel.Devices | None = None
       tokens += parallel.unshard(chunk_tokens).astype(np.float64)
     nll_sum, tokens = parallel.all_rows((nll_sum, tokens), devs)
     mean = float(nll_sum.sum() / tokens.sum())
-    return {"loss": mean, "perplexity": math.exp(mean), "bpc": mean / math.log(2),
+    perplexity = math.exp(mean) if mean < _MAX_LOG else math.inf  # past float64's range
+    return {"loss": mean, "perplexity": perplexity, "bpc": mean / math.log(2),
             "tokens": int(tokens.sum())}
 
   return evaluate
