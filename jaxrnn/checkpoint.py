@@ -74,6 +74,8 @@ def _candidates(mngr: ocp.CheckpointManager, step: int | str) -> list[int]:
     raise UserError(f"no checkpoint in {mngr.directory}; train first, or check --workdir")
   if step == "latest":
     return steps
+  if step != "best" and not str(step).isdigit():
+    raise UserError(f"--step must be a step number, 'best' or 'latest', got {step!r}")
   wanted = mngr.best_step() if step == "best" else int(step)
   if wanted not in steps:
     raise UserError(f"no checkpoint for step {step} in {mngr.directory}; saved steps: {steps}")

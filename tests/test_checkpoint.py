@@ -198,6 +198,15 @@ def test_eval_script_reproduces_the_logged_perplexity(tiny_flags, script, tmp_pa
 
 
 @pytest.mark.parametrize("name", ["eval.py", "sample.py"])
+def test_a_step_that_is_not_a_number_is_a_one_line_error(name, ckpt_config, script, tmp_path):
+  """--step abc: exit 2 and one line naming --step and its valid values, no traceback."""
+  train.train_and_evaluate(ckpt_config(5), str(tmp_path / "run"))
+  proc = script(name, f"--workdir={tmp_path / 'run'}", "--step=abc")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip() == "error: --step must be a step number, 'best' or 'latest', got 'abc'"
+
+
+@pytest.mark.parametrize("name", ["eval.py", "sample.py"])
 def test_missing_workdir_is_a_one_line_error(name, script, tmp_path):
   """No workdir or no checkpoint: exit 2 and one line on stderr, no traceback."""
   proc = script(name, f"--workdir={tmp_path / 'nowhere'}")
