@@ -347,8 +347,9 @@ def get(name: str, **cell_options: Any) -> Cell:
   """The cell registered as `name`, built with its options (e.g. nonlinearity, forget_bias)."""
   if name not in _REGISTRY:
     raise UserError(f"unknown cell {name!r}; valid cells: {', '.join(_REGISTRY)}")
-  if unknown := sorted(set(cell_options) - takes(name)):
-    raise UserError(f"cell {name!r} does not take options {unknown}; it takes {sorted(takes(name))}")
+  taken = takes(name)
+  if unknown := sorted(set(cell_options) - taken):
+    raise UserError(f"cell {name!r} does not take options {unknown}; it takes {sorted(taken)}")
   return _REGISTRY[name](**cell_options)
 
 
@@ -360,9 +361,10 @@ def from_config(model_config: Any) -> Cell:
   """
   name = model_config.cell
   get(name)  # an unknown name fails here, with the list of valid ones
+  taken = takes(name)
   for option, default in options().items():
-    if option not in takes(name) and model_config[option] != default:
+    if option not in taken and model_config[option] != default:
       users = [n for n in _REGISTRY if option in takes(n)]
       raise UserError(f"model.{option}={model_config[option]!r} does nothing for cell {name!r} "
                       f"(it applies to {', '.join(users)}); leave it at {default!r}")
-  return get(name, **{option: model_config[option] for option in takes(name)})
+  return get(name, **{option: model_config[option] for option in taken})
