@@ -9,12 +9,15 @@ crash mid-save never leaves a partial checkpoint behind as the latest one. `resu
 a run in its workdir; `load_run` reads a run back for evaluation and sampling.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
 import signal
+import socket
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +27,11 @@ from orbax.checkpoint import checkpoint_managers
 
 from jaxrnn import UserError, config as config_lib, data
 
-# Config fields that change the shape of the params, the optimizer state or the carried state:
-# a resumed run must keep them.
+# Config fields that change the shape of the params, the optimizer state or the carried state,
+# or what the saved data position (batches drawn) points at: a resumed run must keep them.
 FROZEN_FIELDS = ("task", "model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
                  "model.one_hot", "model.bidirectional", "model.num_classes", "data.corpus",
-                 "data.tokens", "data.batch_size", "train.optimizer")
+                 "data.tokens", "data.batch_size", "data.seq_len", "train.optimizer")
 
 
 def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
@@ -58,9 +61,24 @@ def save(mngr: ocp.CheckpointManager, state: Any, carry: Any, position: int, con
   meta = {"step": step, "position": position, "config": json.loads(config.to_json()),
           "vocab": json.loads(vocab.to_json())}
   arrays = jax.device_get(_saved_form(state, carry))  # host copies: orbax writes them from process 0
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                          meta=ocp.args.JsonSave(meta)),
-            metrics=None if val_loss is None else {"val_loss": val_loss}, force=True)
+  try:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                            meta=ocp.args.JsonSave(meta)),
+              metrics=None if val_loss is None else {"val_loss": val_loss}, force=True)
+  except Exception as e:  # orbax wraps the OSError of a full or read-only disk in other types
+    if not _caused_by_os_error(e):
+      raise
+    raise UserError(f"could not write the checkpoint at step {step} in {mngr.directory} ({e}); "
+                    "the checkpoints before it are intact: free space (or fix permissions) and "
+                    "run the same command again") from None
+
+
+def _caused_by_os_error(e: BaseException | None) -> bool:
+  while e is not None:
+    if isinstance(e, OSError) or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _warn(message: str) -> None:
@@ -82,20 +100,71 @@ def _candidates(mngr: ocp.CheckpointManager, step: int | str) -> list[int]:
   return [wanted]
 
 
+def _is_closed_loop(exc: BaseException) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _silence_closed_loop_errors() -> None:
+  """During and after a failed restore, tensorstore's I/O threads still finishing report to orbax's
+  already-closed asyncio loop, and each prints a 'RuntimeError: Event loop is closed'
+  traceback (over a hundred lines, all harmless). Drop exactly those from this process."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+  if getattr(excepthook, "_jaxrnn_filter", False):
+    return
+
+  def quiet_excepthook(kind, value, tb):
+    if not _is_closed_loop(value):
+      excepthook(kind, value, tb)
+
+  def quiet_unraisablehook(unraisable):
+    if not _is_closed_loop(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  quiet_excepthook._jaxrnn_filter = True
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
 def _first_readable(mngr: ocp.CheckpointManager, step: int | str, args: Any) -> dict[str, Any]:
-  """Restores `args` from the newest readable candidate step, reporting each damaged one."""
-  candidates = _candidates(mngr, step)
-  for s in candidates:
-    try:
-      restored = mngr.restore(s, args=args)
-    except Exception as e:  # orbax and tensorstore raise many types for damaged files
-      _warn(f"checkpoint at step {s} is unreadable ({type(e).__name__}: {str(e)[:200]})")
-      continue
-    if s != candidates[0]:
-      _warn(f"restored the older checkpoint at step {s}")
-    return restored
-  raise UserError(f"no readable checkpoint in {mngr.directory} (tried steps {candidates}); "
-                  "delete the damaged step directories or start afresh")
+  """Restores `args` from the newest readable candidate step, reporting each damaged one.
+
+  A step that disappears while being read was rotated away by a run still training in this
+  workdir: it is passed over quietly (and the steps listed again if every candidate went).
+  """
+  _silence_closed_loop_errors()  # before the first try: a failing one prints while it fails
+  for _ in range(3):
+    candidates, vanished = _candidates(mngr, step), False
+    for s in candidates:
+      try:
+        restored = mngr.restore(s, args=args)
+      except Exception as e:  # orbax and tensorstore raise many types for damaged files
+        if not (pathlib.Path(mngr.directory) / str(s)).exists():
+          vanished = True
+          continue
+        _warn(f"checkpoint at step {s} is unreadable ({type(e).__name__}: {str(e)[:200]})")
+        continue
+      if s != candidates[0]:
+        _warn(f"restored the older checkpoint at step {s}")
+      return restored
+    if not vanished:
+      break
+    mngr.reload()
+  raise UserError(f"no readable checkpoint in {mngr.directory} (tried steps {candidates}); if a "
+                  "run is training in this workdir, try again once it has saved, else train "
+                  "afresh in a new --workdir")
+
+
+def _move_aside_newer(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Moves the (unreadable) step directories newer than `step` into <workdir>/damaged/, so
+  that training can write those steps again; says where each went."""
+  directory = pathlib.Path(mngr.directory)
+  for newer in sorted(s for s in mngr.all_steps() if s > step):
+    target = directory.parent / "damaged" / str(newer)
+    while target.exists():
+      target = target.with_name(target.name + "+")
+    target.parent.mkdir(exist_ok=True)
+    os.replace(directory / str(newer), target)
+    _warn(f"moved the unreadable checkpoint at step {newer} to {target}")
+  mngr.reload()
 
 
 def restore(mngr: ocp.CheckpointManager, state: Any, carry: Any,
@@ -137,7 +206,8 @@ def resume(mngr: ocp.CheckpointManager, state: Any, carry: Any, config: Any,
            vocab: data.Vocab) -> tuple[Any, Any, int]:
   """(state, carry, data position) of the latest readable checkpoint; the inputs and 0 if none.
 
-  Refuses a config or vocabulary the checkpoint was not trained with.
+  Refuses a config or vocabulary the checkpoint was not trained with. Unreadable steps newer
+  than the one restored are moved aside (by the main process), so training can pass them.
   """
   if mngr.latest_step() is None:
     return state, carry, 0
@@ -147,6 +217,8 @@ def resume(mngr: ocp.CheckpointManager, state: Any, carry: Any, config: Any,
     raise UserError("the corpus' vocabulary differs from the one this workdir's checkpoint was "
                     "trained with; use the same corpus, or a new --workdir")
   state, carry, meta = restore(mngr, state, carry)
+  if jax.process_index() == 0:
+    _move_aside_newer(mngr, meta["step"])
   _warn(f"resuming from the checkpoint at step {meta['step']}")
   return state, carry, meta["position"]
 
@@ -166,6 +238,47 @@ def load_run(workdir: str | os.PathLike, step: int | str = "latest"
   config, vocab = config_and_vocab(restored["meta"])
   params = jax.tree.map(jnp.asarray, restored["state"]["train"]["params"])
   return config, vocab, params, restored["meta"]["step"]
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+  """The run's directory, created if need be; a UserError if it cannot hold a run."""
+  if not str(workdir).strip():
+    raise UserError("--workdir is empty; name a directory for the run, e.g. runs/lstm")
+  path = pathlib.Path(workdir)
+  for part, what in ((path, "--workdir"), (path / "checkpoints", "its checkpoints")):
+    if part.exists() and not part.is_dir():
+      raise UserError(f"{what} {part} is a file, not a directory; use another --workdir")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ".write-test").touch()
+    (path / ".write-test").unlink()
+  except OSError as e:
+    raise UserError(f"cannot write to --workdir {path} ({e.strerror}); use a writable "
+                    "directory") from None
+  return path
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path, enabled: bool = True) -> Iterator[None]:
+  """Holds <workdir>/lock while one run trains there: a second run is refused, naming the
+  first. The OS drops the lock when its holder exits, however it exits (SIGKILL, a crash), so
+  a dead run's lock never blocks the next one. Only the main process of a run locks."""
+  if not enabled:
+    yield
+    return
+  with open(workdir / "lock", "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise UserError(f"{workdir} is in use by a training run ({holder}); wait for it to end, "
+                      "or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    yield  # closing the file releases the lock
 
 
 class Preemption:

@@ -156,8 +156,11 @@ def decode(raw: bytes, encoding: str = "utf-8", origin: str = "corpus") -> str:
   `detect`: strict UTF-8 when the bytes are valid UTF-8 (as text in other 8-bit encodings
   almost never is), else Windows-1252.
   """
-  if not raw.strip():
+  if not raw:
     raise UserError(f"{origin} is empty; give a file with some text in it")
+  if not raw.strip():
+    raise UserError(f"{origin} holds only whitespace ({len(raw):,} bytes); give a file with "
+                    "some text in it")
   if encoding == "bytes":
     return raw.decode("latin-1")
   if encoding == "detect":
@@ -270,6 +273,11 @@ class Vocab:
     if self.level == "word":
       return np.array([self._index.get(w, self.unk_id) for w in _words(text)], np.int32)
     return self._table[np.frombuffer(text.encode("utf-32-le"), np.uint32)]
+
+  def unknown(self, text: str) -> list[str]:
+    """The distinct symbols (chars or words) of `text` outside the vocabulary, in order."""
+    symbols = _words(text) if self.level == "word" else list(text)
+    return list(dict.fromkeys(s for s in symbols if s not in self._index))
 
   def decode(self, ids: Any) -> str:
     """ids -> text (words joined by spaces, `<eos>` as a newline)."""

@@ -62,6 +62,10 @@ def generate(params: Any, model_config: Any, prefix: jax.Array, length: int, *, 
   if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or length < 0 or num_samples < 1:
     raise UserError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, length >= 0, "
                     "num_samples >= 1")
+  vocab_size = params["head"]["b"].shape[0]
+  if top_k > vocab_size:
+    raise UserError(f"--top_k {top_k} is more than the vocabulary ({vocab_size} tokens); use 0 "
+                    f"(keep all) or at most {vocab_size}")
   return _generate(params, jnp.asarray(prefix, jnp.int32), jax.random.key(seed),
                    model_config=ml_collections.FrozenConfigDict(model_config), length=length,
                    num_samples=num_samples, temperature=float(temperature), top_k=int(top_k),

@@ -174,15 +174,21 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   The step runs under `parallel.pmap` over `train.devices` devices (one included), each with
   its block of the batch's lanes and their carried states. Returns the final validation
-  figures, or {"step", "preempted": True} after a SIGTERM/SIGINT.
+  figures, or {"step", "preempted": True} after a SIGTERM/SIGINT. One run at a time trains
+  in a workdir (`checkpoint.workdir_lock`).
   """
   config_lib.validate(config)
+  workdir = checkpoint.prepare_workdir(workdir)
+  with checkpoint.workdir_lock(workdir, enabled=jax.process_index() == 0):
+    return _train(config, workdir)
+
+
+def _train(config: Config, workdir: pathlib.Path) -> dict[str, Any]:
+  """`train_and_evaluate` in a validated config and a locked workdir."""
   task = tasks.get(config.task)
   devs = parallel.devices(config.train.devices)
   parallel.check_divisible(config.data.batch_size, devs, "data.batch_size")
   evaluate = task.make_evaluator(config, devs)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   vocab, splits = task.prepare_data(config)
   tx = make_optimizer(config.train)
   zeros = task.initial_carry(config.model, config.data.batch_size)
@@ -200,10 +206,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   start, evals, pending = time.perf_counter(), {}, []
   speed = _Speed(first - 1, config.data.batch_size * config.data.seq_len)  # padding included
 
-  def evaluate_splits(log, step, params, names):
+  def evaluate_splits(log, step, params, names):  # log None: report without logging again
     figures = {s: evaluate(params, splits[s]) for s in names if task.size(splits[s]) > 0}
     _check_figures(figures, step, config.train)
-    for split, row in figures.items():
+    for split, row in figures.items() if log is not None else ():
       log.write({"step": step, "split": split, **row})
     return figures
 
@@ -239,8 +245,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       if preempted:
         return {"step": step, "preempted": True}
       speed.resume()
-    if not evals:  # the workdir's run had already finished: report it again
-      evals = evaluate_splits(log, first - 1, parallel.unreplicate(state.params),
+    if not evals:  # the workdir's run had already finished: report it again, logged once
+      evals = evaluate_splits(None, first - 1, parallel.unreplicate(state.params),
                               task.FINAL_SPLITS)
 
   result = {"step": int(parallel.unreplicate(state.step)), "params": params_count,

@@ -8,11 +8,10 @@ bpc and tokens; a classifier accuracy and examples; both their loss.
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from jaxrnn import UserError, checkpoint, config as config_lib, tasks
+from jaxrnn import checkpoint, cli, config as config_lib, tasks
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "val", ["train", "val", "test"], "Split to evaluate.")
@@ -23,19 +22,15 @@ _STEP = flags.DEFINE_string("step", "latest", "Checkpoint: a step number, 'best'
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  try:
-    config, vocab, params, step = checkpoint.load_run(_WORKDIR.value, _STEP.value)
-    if _CORPUS.value:
-      config.data.corpus = _CORPUS.value
-      config_lib.validate(config)  # the corpus must suit the run's task
-    task = tasks.get(config.task)
-    _, splits = task.prepare_data(config, vocab)
-    result = task.make_evaluator(config)(params, splits[_SPLIT.value])
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  config, vocab, params, step = checkpoint.load_run(_WORKDIR.value, _STEP.value)
+  if _CORPUS.value:
+    config.data.corpus = _CORPUS.value
+    config_lib.validate(config)  # the corpus must suit the run's task
+  task = tasks.get(config.task)
+  _, splits = task.prepare_data(config, vocab)
+  result = task.make_evaluator(config)(params, splits[_SPLIT.value])
   print(json.dumps({"step": step, "split": _SPLIT.value, **result}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,9 +8,9 @@ Samples are separated by a blank line; everything else goes to stderr.
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from jaxrnn import UserError, checkpoint, sample
+from jaxrnn import UserError, checkpoint, cli, data, sample
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
 _PREFIX = flags.DEFINE_string("prefix", "\n", "Text to warm the state up on.")
@@ -26,23 +26,22 @@ _STEP = flags.DEFINE_string("step", "latest", "Checkpoint: a step number, 'best'
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  try:
-    config, vocab, params, step = checkpoint.load_run(_WORKDIR.value, _STEP.value)
-    if config.task != "lm":
-      raise UserError(f"{_WORKDIR.value} holds a {config.task} run: sampling needs a language model")
-    start = time.perf_counter()
-    tokens = sample.generate(params, config.model, vocab.encode(_PREFIX.value), _LENGTH.value,
-                             seed=_SEED.value, num_samples=_NUM_SAMPLES.value,
-                             temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                             top_p=_TOP_P.value)
-    texts = [vocab.decode(row) for row in tokens.tolist()]
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  config, vocab, params, step = checkpoint.load_run(_WORKDIR.value, _STEP.value)
+  if config.task != "lm":
+    raise UserError(f"{_WORKDIR.value} holds a {config.task} run: sampling needs a language model")
+  if unknown := vocab.unknown(_PREFIX.value):
+    print(f"warning: the prefix has symbols outside the run's vocabulary, read as {data.UNK}: "
+          f"{', '.join(map(repr, unknown))}", file=sys.stderr)
+  start = time.perf_counter()
+  tokens = sample.generate(params, config.model, vocab.encode(_PREFIX.value), _LENGTH.value,
+                           seed=_SEED.value, num_samples=_NUM_SAMPLES.value,
+                           temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                           top_p=_TOP_P.value)
+  texts = [vocab.decode(row) for row in tokens.tolist()]
   print(f"step {step}: {_NUM_SAMPLES.value} x {_LENGTH.value} tokens in "
         f"{time.perf_counter() - start:.2f} s", file=sys.stderr)
   print("\n\n".join(texts))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,13 +12,11 @@ import pathlib
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from jaxrnn import UserError, parallel, train
+from jaxrnn import cli, parallel, train
 
 _DEFAULT = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Path to a config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config(_DEFAULT)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, config and vocabulary.",
                                required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -33,11 +31,7 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  try:
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if result.get("preempted"):
     print(f"preempted at step {result['step']}: checkpoint saved; run the same command to resume",
           file=sys.stderr)
@@ -47,4 +41,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

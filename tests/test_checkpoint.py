@@ -1,6 +1,7 @@
 """Tests for jaxrnn.checkpoint: exact resume, fallback past damaged checkpoints, preemption."""
 
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -248,3 +249,99 @@ def test_a_checkpoint_from_before_newer_fields_restores_and_resumes(ckpt_config,
   assert step == 5 and config.task == "lm" and config.model.impl == "fused"
   train.train_and_evaluate(ckpt_config(10), str(old))
   assert_trees_equal(checkpoint.load_run(str(old))[2], checkpoint.load_run(str(straight))[2])
+
+
+@pytest.mark.parametrize("damage", ["newest step's meta removed", "stray empty step directory"])
+def test_resume_passes_a_damaged_newest_step(ckpt_config, tmp_path, damage):
+  """A damaged newest checkpoint (or an empty directory named like a step) is reported, moved
+  to <workdir>/damaged/, and the run resumes from the step before it and ends bit for bit where
+  an uninterrupted run ends, writing that step again."""
+  straight, damaged = tmp_path / "straight", tmp_path / "damaged_run"
+  train.train_and_evaluate(ckpt_config(20), str(straight))
+  train.train_and_evaluate(ckpt_config(15), str(damaged))
+  if damage == "stray empty step directory":
+    (damaged / "checkpoints" / "20").mkdir()
+    moved = 20
+  else:
+    shutil.rmtree(damaged / "checkpoints" / "15" / "meta")
+    moved = 15
+  train.train_and_evaluate(ckpt_config(20), str(damaged))
+  assert (damaged / "damaged" / str(moved)).is_dir()
+  assert_trees_equal(checkpoint.load_run(str(damaged))[2], checkpoint.load_run(str(straight))[2])
+  assert train_losses(damaged) == train_losses(straight)
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_dead_runs_lock_is_taken_over(
+    ckpt_config, tmp_path):
+  """While one run holds the workdir, another is refused naming it; a run killed with SIGKILL
+  while holding it leaves nothing that blocks the next."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with checkpoint.workdir_lock(workdir):
+    with pytest.raises(UserError, match=f"in use by a training run \\(pid {os.getpid()} on"):
+      train.train_and_evaluate(ckpt_config(5), str(workdir))
+  killed = subprocess.run([sys.executable, "-c",
+                           "import os, pathlib, signal; from jaxrnn import checkpoint\n"
+                           f"with checkpoint.workdir_lock(pathlib.Path({str(workdir)!r})):\n"
+                           "  os.kill(os.getpid(), signal.SIGKILL)"])
+  assert killed.returncode == -signal.SIGKILL and (workdir / "lock").exists()
+  assert train.train_and_evaluate(ckpt_config(5), str(workdir))["step"] == 5
+
+
+def test_eval_on_a_workdir_still_training_never_advises_deletion(tiny_flags, script, tmp_path):
+  """eval.py while a run saves and rotates a checkpoint every step: each try succeeds or says
+  to try again, never a traceback, never advice to delete anything."""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "train.py"),
+                           *tiny_flags(workdir, train={"steps": 1_000_000, "ckpt_every": 1,
+                                                       "keep": 1, "log_every": 50})],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 120
+    while time.time() < deadline and checkpoint.manager(workdir).latest_step() is None:
+      time.sleep(0.2)
+    outcomes = [script("eval.py", f"--workdir={workdir}") for _ in range(4)]
+  finally:
+    proc.kill()
+  for out in outcomes:
+    assert "Traceback" not in out.stderr and "delete" not in out.stderr, out.stderr
+    assert out.returncode == 0 or "try again" in out.stderr, out.stderr
+  assert any(out.returncode == 0 for out in outcomes)
+
+
+def test_changing_seq_len_on_resume_is_refused(ckpt_config, tmp_path):
+  """The saved data position counts batches of seq_len tokens: another seq_len is refused."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(ckpt_config(5), str(workdir))
+  config = ckpt_config(10)
+  config.data.seq_len = 16
+  with pytest.raises(UserError, match="data.seq_len is 16 but .* trained with 8"):
+    train.train_and_evaluate(config, str(workdir))
+
+
+def test_rerunning_a_finished_run_reports_it_without_new_rows(ckpt_config, tmp_path):
+  """The same command on a finished workdir prints the same figures and logs nothing again."""
+  workdir = tmp_path / "run"
+  first = train.train_and_evaluate(ckpt_config(5), str(workdir))
+  rows = (workdir / "metrics.jsonl").read_text()
+  again = train.train_and_evaluate(ckpt_config(5), str(workdir))
+  assert (workdir / "metrics.jsonl").read_text() == rows
+  assert again["val_loss"] == first["val_loss"] and again["step"] == 5
+
+
+def test_a_full_disk_during_a_save_is_one_error_and_keeps_older_checkpoints(ckpt_config,
+                                                                            monkeypatch, tmp_path):
+  """An ENOSPC from orbax at the step-10 save: a UserError saying what to do; step 5 stays."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(ckpt_config(5), str(workdir))
+  real_save = checkpoint.ocp.CheckpointManager.save
+
+  def full_disk(self, step, *args, **kwargs):
+    if step == 10:
+      raise ValueError("write failed") from OSError(28, "No space left on device")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", full_disk)
+  with pytest.raises(UserError, match="could not write the checkpoint at step 10 .*free space"):
+    train.train_and_evaluate(ckpt_config(10), str(workdir))
+  assert checkpoint.manager(workdir).all_steps() == [5]

@@ -6,7 +6,7 @@ import subprocess
 import jax
 import pytest
 
-from conftest import REPO_ROOT as REPO
+from conftest import REPO_ROOT as REPO, run_script
 
 
 def tiny_run(tiny_flags, workdir):
@@ -121,3 +121,59 @@ def test_classify_config_trains_and_eval_reads_the_test_split(script, tmp_path):
   refused = script("sample.py", f"--workdir={workdir}")
   assert refused.returncode == 2 and "sampling needs a language model" in refused.stderr
   assert "Traceback" not in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_flags, tmp_path_factory):
+  """A finished 12-step tiny run to point eval.py and sample.py at."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  assert run_script("train.py", *tiny_run(tiny_flags, workdir)).returncode == 0
+  return workdir
+
+
+@pytest.mark.parametrize("case", [
+    "workdir is a file", "checkpoints is a file", "empty workdir", "unknown field",
+    "negative batch", "too many eval lanes", "whitespace corpus", "eval step abc",
+    "sample step abc", "top_k past the vocabulary",
+])
+def test_bad_input_is_one_line_error(case, tiny_flags, trained, tmp_path):
+  """Each bad input: `error: ...` on stderr as one line naming what to change, exit 2, no
+  traceback."""
+  run = tmp_path / "run"
+  flags = tiny_run(tiny_flags, run)
+  if case == "workdir is a file":
+    run.write_text("")
+    args, expected = ("train.py", *flags), "is a file, not a directory"
+  elif case == "checkpoints is a file":
+    run.mkdir()
+    (run / "checkpoints").write_text("")
+    args, expected = ("train.py", *flags), "its checkpoints"
+  elif case == "empty workdir":
+    args, expected = ("train.py", *flags, "--workdir="), "--workdir is empty"
+  elif case == "unknown field":
+    args, expected = ("train.py", *flags, "--config.model.foo=1"), "unknown config field model.foo"
+  elif case == "negative batch":
+    args, expected = ("train.py", *flags, "--config.data.batch_size=-4"), "data.batch_size must be"
+  elif case == "too many eval lanes":
+    args, expected = ("train.py", *flags, "--config.train.eval_lanes=100000"), "use at most"
+  elif case == "whitespace corpus":
+    spaces = tmp_path / "spaces.txt"
+    spaces.write_text(" " * 20_000)
+    args, expected = ("train.py", *flags, f"--config.data.corpus={spaces}"), "only whitespace"
+  elif case in ("eval step abc", "sample step abc"):
+    args = (case.split()[0] + ".py", f"--workdir={trained}", "--step=abc")
+    expected = "--step must be a step number"
+  else:
+    args, expected = ("sample.py", f"--workdir={trained}", "--top_k=1000"), "more than the vocab"
+  proc = run_script(*args)
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+  assert not run.is_dir() or not (run / "metrics.jsonl").exists()
+
+
+def test_a_prefix_outside_the_vocabulary_is_named(trained):
+  """Symbols the run never saw are named in a warning, and still read as <unk>."""
+  proc = run_script("sample.py", f"--workdir={trained}", "--prefix=the éß", "--length=5")
+  assert proc.returncode == 0, proc.stderr
+  assert "outside the run's vocabulary, read as <unk>: 'é', 'ß'" in proc.stderr

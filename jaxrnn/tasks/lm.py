@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxrnn import data, model, parallel
+from jaxrnn import UserError, data, model, parallel
 
 Config = Any  # ml_collections.ConfigDict
 UNIT = "tokens"
@@ -26,10 +26,20 @@ initial_carry = model.initial_carry
 
 def prepare_data(config: Config, vocab: data.Vocab | None = None
                  ) -> tuple[data.Vocab, dict[str, np.ndarray]]:
-  """The vocabulary (built on the training split unless given) and each split as ids<int>[n]."""
+  """The vocabulary (built on the training split unless given) and each split as ids<int>[n].
+
+  Refuses more evaluation lanes than a split has targets (each lane would be mostly padding,
+  and the evaluation step's memory grows with the lanes).
+  """
   splits, level = data.load_splits(config.data)
   vocab = data.Vocab.build(splits["train"], level) if vocab is None else vocab
-  return vocab, {name: vocab.encode(text) for name, text in splits.items()}
+  ids = {name: vocab.encode(text) for name, text in splits.items()}
+  lanes = config.train.eval_lanes
+  for name in FINAL_SPLITS:
+    if 0 < size(ids[name]) < lanes:
+      raise UserError(f"train.eval_lanes={lanes} is more than the {size(ids[name]):,} targets of "
+                      f"the {name} split; use at most {size(ids[name]):,} (16 is the default)")
+  return vocab, ids
 
 
 def size(ids: np.ndarray) -> int:
