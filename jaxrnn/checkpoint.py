@@ -17,6 +17,7 @@ import pathlib
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any, Iterator
 
 import jax
@@ -250,8 +251,7 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
       raise UserError(f"{what} {part} is a file, not a directory; use another --workdir")
   try:
     path.mkdir(parents=True, exist_ok=True)
-    (path / ".write-test").touch()
-    (path / ".write-test").unlink()
+    tempfile.TemporaryFile(dir=path).close()  # a unique name: every process of a run checks
   except OSError as e:
     raise UserError(f"cannot write to --workdir {path} ({e.strerror}); use a writable "
                     "directory") from None
