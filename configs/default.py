@@ -22,8 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.one_hot = False  # feed one-hot tokens instead of an embedding (embed_dim unused)
   config.model.dropout = 0.0  # on embeddings, between layers and before the head (train only)
   config.model.unroll = 1  # lax.scan unroll factor
-  # "fused": custom-VJP recurrence, parallel scan for mingru/minlstm; "scan": plain sequential scan
-  config.model.impl = "fused"
+  # "auto": the fastest path here (layers.resolve: oneDNN for lstm/gru on a CPU, cuDNN for a
+  # wide LSTM on a GPU, else "fused"); "fused": XLA scan with a custom VJP (parallel scan for
+  # mingru/minlstm); "scan": the plain XLA scan; "onednn" / "cudnn": those kernels (kernels.py)
+  config.model.impl = "auto"
   config.model.compute_dtype = "float32"  # matrix-product operands: float32 or bfloat16
   config.model.nonlinearity = "tanh"  # rnn cell only: tanh or relu
   config.model.forget_bias = 0.0  # lstm and lnlstm cells: added to the forget-gate bias at init

@@ -45,7 +45,10 @@ class Cell:
       gh = hidden(carry) @ params[recurrent_weight] its one recurrent product and `reads`
       the parameters named in `core_reads`, so dW_hh can be taken outside the time loop;
     log_linear: the step is h' = a * h + b with a, b from gx alone, so the steps compose
-      as a parallel scan.
+      as a parallel scan;
+    kernel: "lstm" or "gru" when the cell is exactly torch.nn.LSTM / nn.GRU with the parameters
+      `w_ih`, `w_hh`, `b` (and `b_hn`), so a whole-layer library kernel (`kernels.py`:
+      oneDNN, cuDNN) can run it.
   """
   name: str
   init: Callable[..., Params]
@@ -57,6 +60,7 @@ class Cell:
   log_linear: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
   recurrent_weight: str | None = None
   core_reads: tuple[str, ...] = ()
+  kernel: str | None = None
 
   def __post_init__(self):
     if (self.core is None) != (self.recurrent_weight is None):
@@ -135,7 +139,7 @@ def add_to_hidden(d_carry: Carry, d_h: jax.Array) -> Carry:
 
 def _gated(name: str, init: Callable[..., Params], initial_carry: Callable[[int, int], Carry],
            core: Callable[..., tuple[Carry, jax.Array]], compute_dtype: str,
-           core_reads: tuple[str, ...] = ()) -> Cell:
+           core_reads: tuple[str, ...] = (), kernel: str | None = None) -> Cell:
   """A cell of the form gx = x W_ih + b, then core(params, carry, gx, h_prev W_hh)."""
   dtype, w_hh = _dtype(compute_dtype), "w_hh"
 
@@ -143,7 +147,7 @@ def _gated(name: str, init: Callable[..., Params], initial_carry: Callable[[int,
     return core(params, carry, gx, matmul(hidden(carry), params[w_hh], dtype))
 
   return Cell(name, init, initial_carry, _input_projection(dtype), recur, core, dtype,
-              recurrent_weight=w_hh, core_reads=core_reads)
+              recurrent_weight=w_hh, core_reads=core_reads, kernel=kernel)
 
 
 def rnn(nonlinearity: str = "tanh", compute_dtype: str = "float32") -> Cell:
@@ -176,7 +180,7 @@ def gru(compute_dtype: str = "float32") -> Cell:
     h = (1.0 - z) * n + z * h
     return h, h
 
-  return _gated("gru", init, _zeros, core, compute_dtype, core_reads=("b_hn",))
+  return _gated("gru", init, _zeros, core, compute_dtype, core_reads=("b_hn",), kernel="gru")
 
 
 def _lstm_init(forget_bias: float) -> Callable[..., Params]:
@@ -204,7 +208,8 @@ def lstm(forget_bias: float = 0.0, compute_dtype: str = "float32") -> Cell:
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
     return (h, c), h
 
-  return _gated("lstm", _lstm_init(forget_bias), _lstm_carry, core, compute_dtype)
+  return _gated("lstm", _lstm_init(forget_bias), _lstm_carry, core, compute_dtype,
+                kernel="lstm")
 
 
 def _layer_norm(x: jax.Array, gain: jax.Array, bias: jax.Array | float = 0.0) -> jax.Array:

@@ -98,7 +98,8 @@ def validate(config: Config) -> None:
     if not valid(value := field(config, name)):
       _fail(name, value, description)
   model_config, data_config = config.model, config.data
-  cells.from_config(model_config)  # the cell's own options: nonlinearity, forget_bias, ...
+  cell = cells.from_config(model_config)  # the cell's own options: nonlinearity, forget_bias, ...
+  layers.check(cell, model_config.impl)  # a kernel that cannot run this cell, or not here
   if not model_config.one_hot and model_config.embed_dim < 1:
     _fail("model.embed_dim", model_config.embed_dim, ">= 1 (or set model.one_hot=True)")
   corpus = data.CORPORA.get(data_config.corpus)

@@ -12,28 +12,85 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxrnn import UserError
+from jaxrnn import UserError, kernels
 from jaxrnn.cells import Carry, Cell, Params, add_to_hidden, hidden, matmul
 
-IMPLS = ("fused", "scan")
+XLA_IMPLS = ("fused", "scan")
+IMPLS = ("auto",) + XLA_IMPLS + tuple(kernels.LAYERS)
 
-# (params, carry, gx<float>[t, b, g], unroll) -> (final carry, ys<float>[t, b, h])
+# (params, carry, xs<float>[t, b, d], unroll) -> (final carry, ys<float>[t, b, h])
 Recurrence = Callable[[Params, Carry, jax.Array, int], tuple[Carry, jax.Array]]
 
 
+def check(cell: Cell, impl: str, platform: str | None = None) -> None:
+  """Raises a one-line UserError unless `impl` can run `cell` on `platform` (default: JAX's)."""
+  if impl not in IMPLS:
+    raise UserError(f"model.impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+  if impl not in kernels.LAYERS:
+    return
+  instead = f"use model.impl=auto, {' or '.join(XLA_IMPLS)}"
+  if cell.kernel not in kernels.FAMILIES[impl]:
+    raise UserError(f"model.impl={impl} runs the cells {', '.join(kernels.FAMILIES[impl])}, "
+                    f"not {cell.name!r}; {instead}")
+  if cell.dtype != jnp.float32:
+    raise UserError(f"model.impl={impl} runs float32 only: set model.compute_dtype=float32 or "
+                    f"{instead}")
+  if impl == "cudnn" and (platform or jax.default_backend()) != "gpu":
+    raise UserError(f"model.impl=cudnn needs a GPU (this platform: "
+                    f"{platform or jax.default_backend()}); {instead}")
+  if why := kernels.unavailable(impl):
+    raise UserError(f"model.impl={impl} cannot run here: {why}; {instead}")
+
+
+# What model.impl="auto" runs (`resolve`), measured with scripts/bench.py (docs/speed.md):
+#   platform  cell                                     impl
+#   cpu       lstm, gru (float32), more than one step  onednn (without the extension: scan)
+#   cpu       rnn                                      fused
+#   cpu       every other cell, or one step            scan (rnn: fused)
+#   gpu       lstm (float32), hidden >= 1024           cudnn
+#   gpu, tpu  every other cell or shape                fused
+CPU_FUSED = ("rnn",)  # its gates are as narrow as its state: the hoisted input product pays
+CUDNN_MIN_HIDDEN = 1024  # below it jaxrnn's fused scan beats cuDNN on an H100 (issue 15's figures)
+
+
+def resolve(cell: Cell, impl: str, hidden_size: int, steps: int,
+            platform: str | None = None) -> str:
+  """The implementation `impl` stands for: "auto" per the table above, others checked as given.
+
+  One step at a time (sampling) stays in XLA: a kernel call per step costs more than the step.
+  """
+  platform = platform or jax.default_backend()
+  if impl != "auto":
+    check(cell, impl, platform)
+    return impl
+  float32 = cell.dtype == jnp.float32
+  if platform == "cpu":
+    if float32 and steps > 1 and cell.kernel in kernels.FAMILIES["onednn"]:
+      if not kernels.unavailable("onednn"):
+        return "onednn"
+      kernels.warn_fallback("onednn")
+    return "fused" if cell.name in CPU_FUSED else "scan"
+  if (platform == "gpu" and float32 and cell.kernel in kernels.FAMILIES["cudnn"]
+      and hidden_size >= CUDNN_MIN_HIDDEN):
+    return "cudnn"
+  return "fused"
+
+
 def recurrence(cell: Cell, impl: str, steps: int) -> Recurrence:
-  """How `cell` runs over `steps` time steps under `model.impl`; the same values and gradients.
+  """How `cell` runs over `steps` time steps in XLA under `model.impl`; the same values and gradients.
 
   | impl    | cell with `log_linear` (mingru, minlstm) | cell with `core` (rnn, gru, lstm) | other |
   |---------|------------------------------------------|-----------------------------------|-------|
   | "fused" | parallel scan (`linear_scan`), t > 1     | scan with a custom VJP (`_fused`) | scan  |
-  | "scan"  | scan of `recur`                          | scan of `recur`                   | scan  |
+  | "scan"  | scan of `step`                           | scan of `step`                    | scan  |
 
-  "fused" is the fastest XLA form on an accelerator; "scan" differentiates the plain
-  sequential scan (on a CPU it beats the parallel scan).
+  "fused" takes the input product for all steps as one matrix product before its loop: the
+  fastest form on an accelerator. "scan" keeps it in the loop (flax's nn.RNN does the same):
+  on XLA:CPU that is faster, because a fusion reading the precomputed gates through the
+  loop's dynamic slice costs more per step than the small product itself.
   """
-  if impl not in IMPLS:
-    raise UserError(f"model.impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+  if impl not in XLA_IMPLS:
+    raise UserError(f"model.impl must be one of {', '.join(XLA_IMPLS)}, got {impl!r}")
   if impl == "fused" and cell.log_linear is not None and steps > 1:
     return functools.partial(_parallel, cell)
   if impl == "fused" and cell.core is not None:
@@ -42,34 +99,37 @@ def recurrence(cell: Cell, impl: str, steps: int) -> Recurrence:
 
 
 def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *, unroll: int = 1,
-        impl: str = "fused") -> tuple[Carry, jax.Array]:
+        impl: str = "auto") -> tuple[Carry, jax.Array]:
   """Runs `cell` over xs<float>[b, t, d] -> (final carry, ys<float>[b, t, h]).
 
-  The input projection is one matrix product for all time steps, outside the loop; the
-  recurrence is `recurrence(cell, impl, t)`. `unroll` is passed to `lax.scan`.
+  `resolve` turns `impl` into a kernel (`kernels.LAYERS`: one call for the whole layer) or an
+  XLA recurrence (`recurrence`). `unroll` is passed to `lax.scan`.
   """
-  gx = cell.project(params, jnp.swapaxes(xs, 0, 1))  # [t, b, g]: one product for all steps
-  carry, ys = recurrence(cell, impl, gx.shape[0])(params, carry, gx, unroll)
+  impl = resolve(cell, impl, hidden(carry).shape[-1], xs.shape[1])
+  if impl in kernels.LAYERS:  # batch-major, as oneDNN and cuDNN take it
+    return kernels.LAYERS[impl](cell.kernel, params, carry, xs)
+  carry, ys = recurrence(cell, impl, xs.shape[1])(params, carry, jnp.swapaxes(xs, 0, 1), unroll)
   return carry, jnp.swapaxes(ys, 0, 1)
 
 
-def _scan(cell: Cell, params: Params, carry: Carry, gx: jax.Array,
+def _scan(cell: Cell, params: Params, carry: Carry, xs: jax.Array,
           unroll: int) -> tuple[Carry, jax.Array]:
-  """`lax.scan` of `cell.recur`, differentiated as it stands."""
-  return jax.lax.scan(lambda c, g: cell.recur(params, c, g), carry, gx, unroll=unroll)
+  """`lax.scan` of `cell.step`, differentiated as it stands."""
+  return jax.lax.scan(lambda c, x: cell.step(params, c, x), carry, xs, unroll=unroll)
 
 
-def _parallel(cell: Cell, params: Params, carry: Carry, gx: jax.Array,
+def _parallel(cell: Cell, params: Params, carry: Carry, xs: jax.Array,
               unroll: int) -> tuple[Carry, jax.Array]:
   """A cell linear in its state, all steps composed at once by `linear_scan`."""
-  del params, unroll
-  hs = linear_scan(*cell.log_linear(gx), carry)
+  del unroll
+  hs = linear_scan(*cell.log_linear(cell.project(params, xs)), carry)
   return hs[-1], hs
 
 
-def _core_fused(cell: Cell, params: Params, carry: Carry, gx: jax.Array,
+def _core_fused(cell: Cell, params: Params, carry: Carry, xs: jax.Array,
                 unroll: int) -> tuple[Carry, jax.Array]:
-  """A `core` cell through `_fused`, reading the weights the cell names."""
+  """A `core` cell through `_fused`, reading the weights the cell names; one input product."""
+  gx = cell.project(params, xs)  # [t, b, g]: one product for all steps
   reads = {k: params[k] for k in cell.core_reads}
   return _fused(cell.core, cell.dtype, unroll, params[cell.recurrent_weight], reads, carry, gx)
 
@@ -152,7 +212,7 @@ def reverse_valid(xs: jax.Array, lengths: jax.Array) -> jax.Array:
 
 def run_bidirectional(cell: Cell, params: dict[str, Params], carry: tuple[Carry, Carry],
                       xs: jax.Array, *, lengths: jax.Array, unroll: int = 1,
-                      impl: str = "fused") -> tuple[tuple[Carry, Carry], jax.Array]:
+                      impl: str = "auto") -> tuple[tuple[Carry, Carry], jax.Array]:
   """Runs `cell` both ways over xs<float>[b, t, d] -> (carries, ys<float>[b, t, 2h]).
 
   params and carry hold one entry per direction ('fwd', 'bwd' and a pair). The backward
@@ -194,7 +254,7 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 def run_stack(cell: Cell, layer_params: Sequence[Params], carries: Sequence[Carry], xs: jax.Array,
               *, dropout_rate: float = 0.0, rng: jax.Array | None = None, unroll: int = 1,
-              impl: str = "fused", bidirectional: bool = False,
+              impl: str = "auto", bidirectional: bool = False,
               lengths: jax.Array | None = None) -> tuple[list[Carry], jax.Array]:
   """Runs stacked layers over xs<float>[b, t, d] -> (carries, ys<float>[b, t, h]).
 

@@ -6,6 +6,10 @@ then jaxrnn's lstm alone: training tokens/s over --seq_sweep and the compiled tr
 memory at seq 64 and 1024. Rounds are interleaved (A B C A B C ...); the table shows medians and
 jaxrnn/x, the first jaxrnn row's figure over the row's (above 1: jaxrnn is faster). `--quick`
 shrinks everything for the test suite.
+
+Each row (a jaxrnn impl, torch, flax) runs in a process of its own, which waits idle while the
+others are timed: two OpenMP runtimes in one process (PyTorch's and oneDNN's) slowed each other
+by up to 1.7x, so a shared process would measure the sharing, not the libraries.
 """
 
 import functools
@@ -49,6 +53,7 @@ flags.DEFINE_string("device", "cpu",
 flags.DEFINE_bool("quick", False, "Tiny sizes for the test suite; flags given explicitly win.")
 flags.DEFINE_string("out", "bench.json", "Where to write the results as JSON.")
 flags.DEFINE_string("impls", "", "Comma list of config.model.impl values; '': the default.")
+flags.DEFINE_string("serve", "", "Internal: the row this process times for its parent.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "jaxrnn's matrix-product operands (config.model.compute_dtype).")
 FLAGS = flags.FLAGS
@@ -231,6 +236,58 @@ def _flax(cell: str, hidden: int, data: Data) -> Fns:
 _PEERS = {"torch": _torch, "flax": _flax}
 
 
+def _row(impl: str | None) -> str:
+  return f"jaxrnn[{impl}]" if impl else "jaxrnn"
+
+
+def _serve(row: str, data: Data) -> None:
+  """The child's side of `_Process`: one JSON request per stdin line, one JSON reply per line.
+
+  ["build", spec] -> the measures this row has for that cell ([] for a peer without it);
+  ["run", measure] -> the units one call did. A UserError is replied as {"error": message}.
+  """
+  impl = row[len("jaxrnn["):-1] if row.startswith("jaxrnn[") else None
+  fns: Fns = {}
+  for line in sys.stdin:
+    kind, arg = json.loads(line)
+    try:
+      if kind == "build":
+        cell, hidden = _cell_spec(arg)
+        fns = (_PEERS[row](cell, hidden, data) if cell in _PEER_CELLS else {}) if (
+            row in _PEERS) else _jaxrnn(cell, hidden, data, impl)
+        reply: Any = list(fns)
+      else:
+        reply = fns[arg]()
+    except UserError as e:
+      reply = {"error": str(e)}
+    print(json.dumps(reply), flush=True)
+
+
+class _Process:
+  """A row's implementation in a child process running this script with --serve=row."""
+
+  def __init__(self, row: str):
+    self.row = row
+    self.proc = subprocess.Popen([sys.executable, __file__, f"--serve={row}", *sys.argv[1:]],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+  def call(self, kind: str, arg: str) -> Any:
+    self.proc.stdin.write(json.dumps([kind, arg]) + "\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the {self.row} process exited (rc {self.proc.wait()}); its stderr "
+                         "above says why")
+    reply = json.loads(line)
+    if isinstance(reply, dict):
+      raise UserError(reply["error"])
+    return reply
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
 def _timed(fns: dict[str, Callable[[], int]], calls: int, warmup: int, unit: str,
            flops_per_unit: float = 0.0) -> dict[str, dict[str, Any]]:
   """`warmup` calls of each, then interleaved rounds of `calls`: median units/s, ratio, GFLOP/s."""
@@ -343,16 +400,22 @@ def main(argv: list[str]) -> None:
   for name in set(_split(FLAGS.peers)) - set(peers):
     print(f"note: skipping peer {name!r}: unknown or not importable", file=sys.stderr)
   impls = _split(FLAGS.impls)
-  rows = {f"jaxrnn[{i}]": i for i in impls} or {"jaxrnn": None}
+  rows = {_row(i): i for i in impls} or {"jaxrnn": None}
   data = {"train": _tokens(FLAGS.batch, FLAGS.seq), "eval": _tokens(_LANES, _CHUNK),
           "prefix": _tokens(1, _PREFIX)[0][0]}
+  if FLAGS.serve:
+    _serve(FLAGS.serve, data)
+    return
   machine, peak = _machine()
   results, sweep = {}, {}
+  processes = {row: _Process(row) for row in (*rows, *peers)}
   try:
     for spec in _split(FLAGS.cells):
       cell, hidden = _cell_spec(spec)
-      fns = {row: _jaxrnn(cell, hidden, data, impl) for row, impl in rows.items()}
-      fns.update({name: _PEERS[name](cell, hidden, data) for name in peers if cell in _PEER_CELLS})
+      fns = {}
+      for row, process in processes.items():
+        measures = process.call("build", spec)
+        fns[row] = {m: functools.partial(process.call, "run", m) for m in measures}
       per_token = _forward_flops_per_token(cell, hidden)
       pick = lambda measure: {name: f[measure] for name, f in fns.items() if measure in f}
       results[spec] = {
@@ -371,6 +434,9 @@ def main(argv: list[str]) -> None:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  finally:
+    for process in processes.values():
+      process.close()
   used = (*_QUICK, "layers", "vocab", "cells", "peers", "impls", "device")
   out = {"machine": machine, "peak": peak, "results": results, "seq_sweep": sweep,
          "memory_mib": memory, "flags": {k: FLAGS[k].value for k in used}}

@@ -15,7 +15,7 @@ from jaxrnn import UserError, cells, config as config_lib, train
     ({"model": {"hidden_size": 0}}, "model.hidden_size must be >= 1, got 0"),
     ({"model": {"num_layers": 0}}, "model.num_layers must be >= 1, got 0"),
     ({"model": {"embed_dim": 0}}, "model.embed_dim must be >= 1 \\(or set model.one_hot=True\\)"),
-    ({"model": {"impl": "cuda"}}, "model.impl must be one of fused, scan, got 'cuda'"),
+    ({"model": {"impl": "cuda"}}, "model.impl must be one of auto, fused, scan, onednn, cudnn, got 'cuda'"),
     ({"model": {"compute_dtype": "float16"}}, "model.compute_dtype must be one of"),
     ({"model": {"cell": "rnn", "nonlinearity": "sigmoid"}}, "model.nonlinearity must be one of tanh"),
     ({"model": {"cell": "gru", "forget_bias": 1.0}},
@@ -113,7 +113,7 @@ def test_saved_configs_merge_onto_the_defaults():
   a field this version does not know is refused."""
   saved = {"model": {"cell": "gru", "hidden_size": 32}, "train": {"lr": 0.01}}
   config = config_lib.from_saved(saved)
-  assert config.task == "lm" and config.model.impl == "fused" and config.model.embed_scale == 1.0
+  assert config.task == "lm" and config.model.impl == "auto" and config.model.embed_scale == 1.0
   assert config.model.cell == "gru" and config.model.hidden_size == 32 and config.train.lr == 0.01
   config_lib.validate(config)
 

@@ -55,7 +55,7 @@ def test_run_matches_python_loop(name):
 def test_unroll_does_not_change_results(name):
   """unroll=4 (not a divisor of t) gives the same outputs and carry as unroll=1."""
   cell, params, carry0, xs = _setup(name, seed=3)
-  for impl in layers.IMPLS:
+  for impl in layers.XLA_IMPLS:
     expected_carry, expected_ys = layers.run(cell, params, carry0, xs, unroll=1, impl=impl)
     got_carry, got_ys = layers.run(cell, params, carry0, xs, unroll=4, impl=impl)
     np.testing.assert_allclose(got_ys, expected_ys, rtol=1e-5, atol=1e-6)
@@ -183,7 +183,7 @@ def test_a_cell_with_its_own_weight_names_runs_fused():
     return jnp.sum(layers.run(cell, params, carry, xs, impl=impl)[1] ** 2)
 
   fused, plain = (jax.grad(functools.partial(loss, impl), argnums=(0, 1))(params, carry0)
-                  for impl in layers.IMPLS)
+                  for impl in layers.XLA_IMPLS)
   _assert_trees_close(fused, plain)
   np.testing.assert_allclose(layers.run(cell, params, carry0, xs)[1],
                              layers.run(base, {"w_ih": params["u_in"], "w_hh": params["u_rec"],

@@ -1,0 +1,212 @@
+"""Tests for jaxrnn.kernels and model.impl: the oneDNN layers against the XLA scan and against
+torch.nn.LSTM / nn.GRU in float64, the cuDNN weight packing against jax.experimental.rnn's
+reference, what `auto` resolves to, the fallback without the extension, and runs that change
+impl between training, resuming and evaluating."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.experimental import rnn as jax_rnn
+
+from jaxrnn import UserError, cells, config as config_lib, checkpoint, interop, kernels, layers, train
+from jaxrnn.tasks import lm
+
+ONEDNN = kernels.unavailable("onednn")
+needs_onednn = pytest.mark.skipif(bool(ONEDNN), reason=f"the oneDNN kernel cannot run: {ONEDNN}")
+needs_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
+D, H = 5, 6
+
+
+def _assert_close(got, want, rtol=1e-5):
+  """Equal within rtol of each array's largest entry (float32 against its references)."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    w = np.asarray(w)
+    np.testing.assert_allclose(np.asarray(g), w, rtol=rtol, atol=rtol * np.abs(w).max())
+
+
+def _stack(family, num_layers, b, t, seed=0):
+  """Layer params, nonzero carries, inputs xs<b, t, d> and cotangents for ys and carries."""
+  cell = cells.get(family)
+  keys = jax.random.split(jax.random.key(seed), num_layers)
+  params = [cell.init(k, D if i == 0 else H, H) for i, k in enumerate(keys)]
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  carries = [jax.tree.map(lambda z: normal(*z.shape), cell.initial_carry(b, H))
+             for _ in range(num_layers)]
+  return cell, params, carries, normal(b, t, D), normal(b, t, H), jax.tree.map(
+      lambda z: normal(*z.shape), carries)
+
+
+def _loss(cell, impl, d_ys, d_carries, params, carries, xs):
+  """<ys, d_ys> + <final carries, d_carries>: its gradient is the VJP of the whole stack."""
+  final, ys = layers.run_stack(cell, params, carries, xs, impl=impl)
+  return jnp.sum(ys * d_ys) + sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(final),
+                                                                jax.tree.leaves(d_carries)))
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", kernels.FAMILIES["onednn"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("b, t", [(1, 1), (3, 37), (2, 300)])
+def test_onednn_matches_the_xla_scan(family, num_layers, b, t):
+  """Outputs, final carries and gradients (every weight, the carried state in, the inputs) of
+  the oneDNN layers equal the XLA scan's, batch 1 and odd, one step and long sequences."""
+  cell, params, carries, xs, d_ys, d_carries = _stack(family, num_layers, b, t, seed=b + t)
+  run = lambda impl: jax.jit(functools.partial(layers.run_stack, cell, impl=impl))
+  _assert_close(run("onednn")(params, carries, xs), run("scan")(params, carries, xs))
+  grad = lambda impl: jax.jit(jax.grad(functools.partial(_loss, cell, impl, d_ys, d_carries),
+                                       argnums=(0, 1, 2)))
+  _assert_close(grad("onednn")(params, carries, xs), grad("scan")(params, carries, xs))
+
+
+def _torch_stack(family, params, carries, xs, d_ys, d_carries):
+  """torch.nn.LSTM / nn.GRU in float64 with jaxrnn's weights: (final carries, ys), and the
+  gradients of `_loss` with respect to every weight, the carries and xs, in jaxrnn's layout."""
+  module = getattr(torch.nn, family.upper())(D, H, num_layers=len(params), batch_first=True)
+  module.load_state_dict({k: torch.from_numpy(v) for k, v in
+                          interop.to_torch_state_dict(family, params).items()})
+  module = module.double()
+  tensor = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64, requires_grad=True)
+  x = tensor(xs)
+  states = [tensor(np.stack([np.asarray(c[i]) if family == "lstm" else np.asarray(c)
+                             for c in carries])) for i in range(2 if family == "lstm" else 1)]
+  ys, final = module(x, tuple(states) if family == "lstm" else states[0])
+  final = final if family == "lstm" else (final,)
+  loss = (ys * torch.from_numpy(np.asarray(d_ys, np.float64))).sum()
+  for i, f in enumerate(final):
+    cot = np.stack([np.asarray(c[i]) if family == "lstm" else np.asarray(c) for c in d_carries])
+    loss = loss + (f * torch.from_numpy(cot.astype(np.float64))).sum()
+  loss.backward()
+  grads = {k: p.grad.numpy() for k, p in module.named_parameters()}
+  d_params = interop.from_torch_state_dict(family, grads)
+  if family == "lstm":  # from_torch sums the two biases; their gradients are each d(b)
+    d_params = [{**p, "b": p["b"] / 2} for p in d_params]
+  else:  # GRU: b = b_ih + b_hh in the r and z thirds, b_ih alone in the n third
+    for i, p in enumerate(d_params):
+      p["b"] = grads[f"bias_ih_l{i}"]
+  unstack = lambda s: [tuple(a.grad.numpy()[i] for a in s) if family == "lstm"
+                       else s[0].grad.numpy()[i] for i in range(len(params))]
+  values = ([tuple(f.detach().numpy()[i] for f in final) if family == "lstm"
+             else final[0].detach().numpy()[i] for i in range(len(params))], ys.detach().numpy())
+  return values, (d_params, unstack(states), x.grad.numpy())
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", kernels.FAMILIES["onednn"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_onednn_matches_torch_in_float64(family, num_layers):
+  """The oneDNN layers against PyTorch's own LSTM / GRU run in float64: values and gradients."""
+  cell, params, carries, xs, d_ys, d_carries = _stack(family, num_layers, 3, 23, seed=7)
+  want_values, want_grads = _torch_stack(family, params, carries, xs, d_ys, d_carries)
+  got_values = layers.run_stack(cell, params, carries, xs, impl="onednn")
+  got_grads = jax.grad(functools.partial(_loss, cell, "onednn", d_ys, d_carries),
+                       argnums=(0, 1, 2))(params, carries, xs)
+  _assert_close(got_values, want_values)
+  _assert_close(got_grads, (want_grads[0], want_grads[1], want_grads[2]))
+
+
+def test_cudnn_weight_packing_equals_the_reference_lstm():
+  """`cudnn_weights` unpacked by jax.experimental.rnn and run through its `lstm_ref` gives the
+  outputs and final states of jaxrnn's own LSTM (this runs on a CPU: no cuDNN needed)."""
+  cell, (params,), (carry,), xs, _, _ = _stack("lstm", 1, 3, 11, seed=3)
+  w_ih, w_hh, b_ih, b_hh = jax_rnn.unpack_lstm_weights(kernels.cudnn_weights(params), D, H, 1,
+                                                       False)
+  ys, h_n, c_n = jax_rnn.lstm_ref(xs, carry[0][None], carry[1][None], w_ih, w_hh, b_ih, b_hh,
+                                  jnp.full((3,), 11, jnp.int32), D, H, 1, 0.0, False)
+  (h, c), want = layers.run(cell, params, carry, xs, impl="scan")
+  _assert_close((h_n[0], c_n[0], ys), (h, c, want))
+
+
+@needs_gpu
+def test_cudnn_matches_the_xla_scan():
+  """On a GPU: the cuDNN LSTM's values and gradients equal the fused XLA scan's."""
+  cell, params, carries, xs, d_ys, d_carries = _stack("lstm", 2, 3, 37, seed=5)
+  _assert_close(layers.run_stack(cell, params, carries, xs, impl="cudnn"),
+                layers.run_stack(cell, params, carries, xs, impl="fused"), rtol=1e-4)
+  grad = lambda impl: jax.grad(functools.partial(_loss, cell, impl, d_ys, d_carries),
+                               argnums=(0, 1, 2))(params, carries, xs)
+  _assert_close(grad("cudnn"), grad("fused"), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", cells.names())
+@pytest.mark.parametrize("steps", [1, 64])
+def test_auto_resolves_to_an_implementation_that_runs_here(name, steps):
+  """`auto` names a concrete impl that `check` accepts on this machine; one step (sampling)
+  always stays in XLA."""
+  cell = cells.get(name)
+  impl = layers.resolve(cell, "auto", H, steps)
+  assert impl in layers.IMPLS and impl != "auto"
+  layers.check(cell, impl)
+  if steps == 1:
+    assert impl in layers.XLA_IMPLS
+
+
+@pytest.mark.parametrize("platform, name, hidden, want", [
+    ("cpu", "mingru", 256, "scan"), ("cpu", "rnn", 256, "fused"), ("gpu", "lstm", 1024, "cudnn"),
+    ("gpu", "lstm", 512, "fused"), ("gpu", "gru", 1024, "fused"), ("tpu", "lstm", 1024, "fused")])
+def test_auto_follows_the_table(platform, name, hidden, want):
+  """The documented `auto` table, row by row (platforms other than this one named explicitly)."""
+  assert layers.resolve(cells.get(name), "auto", hidden, 64, platform) == want
+
+
+def test_auto_picks_onednn_on_a_cpu_where_it_is_built():
+  want = "onednn" if not ONEDNN else "scan"
+  for name in kernels.FAMILIES["onednn"]:
+    assert layers.resolve(cells.get(name), "auto", H, 64, "cpu") == want
+  assert layers.resolve(cells.get("lstm", compute_dtype="bfloat16"), "auto", H, 64, "cpu") == "scan"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"impl": "cudnn"}, "model.impl=cudnn needs a GPU"),
+    ({"impl": "onednn", "cell": "mingru"}, "runs the cells lstm, gru, not 'mingru'"),
+    ({"impl": "onednn", "compute_dtype": "bfloat16"}, "runs float32 only"),
+    ({"impl": "fast"}, "model.impl must be one of auto, fused, scan, onednn, cudnn"),
+])
+def test_an_impl_that_cannot_run_is_a_one_line_error(tiny_config, overrides, message):
+  if jax.default_backend() == "gpu" and overrides.get("impl") == "cudnn":
+    pytest.skip("cuDNN runs on this machine's GPU")
+  with pytest.raises(UserError, match=message) as e:
+    config_lib.validate(tiny_config(model=overrides))
+  assert "\n" not in str(e.value) and "model.impl" in str(e.value)
+
+
+def test_without_the_extension_auto_runs_xla_and_onednn_is_refused(tiny_config, tmp_path,
+                                                                   monkeypatch):
+  """The extension missing (simulated: not built): loading says why, `auto` trains on the XLA
+  path, and an explicit model.impl=onednn is a one-line error naming the other choices."""
+  monkeypatch.setattr(kernels, "_extension", lambda: None)
+  lib, why = kernels._load_onednn.__wrapped__()
+  assert lib is None and "not built" in why
+  monkeypatch.setattr(kernels, "_load_onednn", lambda: (None, why))
+  assert layers.resolve(cells.get("lstm"), "auto", H, 64, "cpu") == "scan"
+  with pytest.raises(UserError, match="cannot run here: .*not built.*; use model.impl=auto"):
+    config_lib.validate(tiny_config(model={"impl": "onednn"}))
+  result = train.train_and_evaluate(tiny_config(model={"cell": "lstm"}), str(tmp_path))
+  assert np.isfinite(result["val_loss"])
+
+
+@needs_onednn
+def test_a_run_changes_impl_between_training_resuming_and_evaluating(tiny_config, tmp_path):
+  """Trained with onednn, resumed with scan (and the other way round), evaluated with each: the
+  same figures to 1e-5 as a run that never changed."""
+  config = lambda impl, steps: tiny_config(
+      model={"cell": "lstm", "num_layers": 2, "impl": impl},
+      train={"steps": steps, "ckpt_every": 5, "eval_every": 5})
+  straight = train.train_and_evaluate(config("onednn", 10), str(tmp_path / "straight"))
+  for first, then in (("onednn", "scan"), ("scan", "onednn")):
+    workdir = str(tmp_path / f"{first}-{then}")
+    train.train_and_evaluate(config(first, 5), workdir)
+    resumed = train.train_and_evaluate(config(then, 10), workdir)
+    np.testing.assert_allclose(resumed["val_loss"], straight["val_loss"], rtol=1e-5)
+  saved, vocab, params, _ = checkpoint.load_run(str(tmp_path / "straight"))
+  ids = np.asarray(vocab.encode(open(saved.data.corpus).read()), np.int32)
+  losses = []
+  for impl in ("onednn", "scan", "fused"):
+    saved.model.impl = impl
+    losses.append(lm.make_evaluator(saved)(params, ids)["loss"])
+  np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
