@@ -26,9 +26,11 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <queue>
 #include <thread>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -149,15 +151,39 @@ dnnl::primitive_desc BackwardDesc(Cell cell, const Shape& s, const dnnl::primiti
       static_cast<const dnnl::lbr_gru_forward::primitive_desc&>(fwd), UserScratchpad());
 }
 
-// A cached primitive with the reorders between the plain (ldigo) weights and its own layout.
+// A cached primitive with the reorders between jaxrnn's plain weight layouts (ldigo) and the
+// primitive's own: weights in (all passes), weight gradients out (backward).
 struct Plan {
   dnnl::primitive_desc pd;
   dnnl::primitive prim;
-  memory::desc w_layer, w_iter;  // the primitive's (diff) weight layouts
-  size_t scratchpad = 0, workspace = 0;
+  memory::desc weights[2];        // the primitive's layer / iter weight layouts
+  memory::desc diff_weights[2];   // backward: its weight-gradient layouts
+  std::optional<dnnl::reorder> to_weights[2], from_diff_weights[2];  // unset: plain already
 };
 
-Plan MakePlan(Cell cell, Pass pass, const Shape& s);
+std::optional<dnnl::reorder> Reorder(const memory::desc& from, const memory::desc& to) {
+  if (from == to) return std::nullopt;
+  return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+}
+
+Plan MakePlan(Cell cell, Pass pass, const Shape& s) {
+  Plan plan;
+  const Descs plain(cell, s, tag::ldigo);
+  const memory::desc plain_weights[2] = {plain.w_layer, plain.w_iter};
+  // The backward's hint is a fresh training descriptor, equal to the cached one (same workspace).
+  plan.pd = pass == Pass::kGrad ? BackwardDesc(cell, s, ForwardDesc(cell, Pass::kTrain, s))
+                                : ForwardDesc(cell, pass, s);
+  plan.prim = dnnl::primitive(plan.pd);
+  for (int i = 0; i < 2; ++i) {
+    plan.weights[i] = plan.pd.weights_desc(i);
+    plan.to_weights[i] = Reorder(plain_weights[i], plan.weights[i]);
+    if (pass == Pass::kGrad) {
+      plan.diff_weights[i] = plan.pd.query_md(dnnl::query::diff_weights_md, i);
+      plan.from_diff_weights[i] = Reorder(plan.diff_weights[i], plain_weights[i]);
+    }
+  }
+  return plan;
+}
 
 // Only the worker thread reads or fills the cache.
 const Plan& GetPlan(Cell cell, Pass pass, const Shape& s) {
@@ -169,80 +195,72 @@ const Plan& GetPlan(Cell cell, Pass pass, const Shape& s) {
   return *slot;
 }
 
-Plan MakePlan(Cell cell, Pass pass, const Shape& s) {
-  Plan plan;
-  if (pass == Pass::kGrad) {
-    // The hint is a fresh training descriptor, equal to the cached one (same workspace).
-    plan.pd = BackwardDesc(cell, s, ForwardDesc(cell, Pass::kTrain, s));
-    plan.w_layer = plan.pd.query_md(dnnl::query::diff_weights_md, 0);
-    plan.w_iter = plan.pd.query_md(dnnl::query::diff_weights_md, 1);
-  } else {
-    plan.pd = ForwardDesc(cell, pass, s);
-    plan.w_layer = plan.pd.weights_desc(0);
-    plan.w_iter = plan.pd.weights_desc(1);
-  }
-  plan.prim = dnnl::primitive(plan.pd);
-  plan.scratchpad = plan.pd.scratchpad_desc().get_size();
-  plan.workspace = plan.pd.workspace_desc().get_size();
-  return plan;
-}
+// The worker's scratch memory by use, grown when a call needs more and otherwise reused as it
+// is: no allocation, page faults or clearing per call.
+enum Use { kScratchpad, kWeights, kDiffWeights = kWeights + 2, kUses = kDiffWeights + 2 };
 
-// The worker's buffers, grown as needed: scratchpad, weights in the primitive's layouts.
-std::vector<uint8_t>& Buffer(int which) {
-  static std::vector<uint8_t> buffers[5];
-  return buffers[which];
+void* Scratch(int use, size_t bytes) {
+  static std::vector<uint8_t> buffers[kUses];
+  if (buffers[use].size() < bytes) buffers[use].resize(bytes);
+  return buffers[use].data();
 }
 
 void* Ptr(const ffi::AnyBuffer& buffer) { return const_cast<void*>(buffer.untyped_data()); }
 
 memory Wrap(const memory::desc& desc, void* ptr) { return memory(desc, Engine(), ptr); }
 
-// `user` (plain layout) as a memory in `want`'s layout, reordered into a thread buffer if needed.
-memory InLayout(dnnl::stream& stream, const memory& user, const memory::desc& want, int buffer) {
-  if (user.get_desc() == want) return user;
-  auto& storage = Buffer(buffer);
-  storage.resize(want.get_size());
-  memory mem = Wrap(want, storage.data());
-  dnnl::reorder(user, mem).execute(stream, const_cast<memory&>(user), mem);
-  return mem;
-}
-
 Shape ShapeOf(const ffi::AnyBuffer& x, const ffi::AnyBuffer& h0) {
   const auto xd = x.dimensions(), hd = h0.dimensions();
   return Shape{xd[1], xd[0], xd[2], hd[1]};
 }
 
+// What both passes bind: inputs x, h0, [c0], w_layer, w_iter, bias (args 0..), weights put
+// in the primitive's layouts by the plan's reorders.
+std::unordered_map<int, memory> BindInputs(const Plan& plan, const Descs& plain, bool c,
+                                           dnnl::stream& stream, const ffi::RemainingArgs& args) {
+  auto arg = [&](size_t i) { return Ptr(args.get<ffi::AnyBuffer>(i).value()); };
+  const int w = 2 + c;
+  const memory::desc plain_weights[2] = {plain.w_layer, plain.w_iter};
+  std::unordered_map<int, memory> io = {
+      {DNNL_ARG_SRC_LAYER, Wrap(plain.x, arg(0))},
+      {DNNL_ARG_SRC_ITER, Wrap(plain.state, arg(1))},
+      {DNNL_ARG_BIAS, Wrap(plain.bias, arg(w + 2))},
+      {DNNL_ARG_SCRATCHPAD,
+       Wrap(plan.pd.scratchpad_desc(), Scratch(kScratchpad, plan.pd.scratchpad_desc().get_size()))},
+  };
+  if (c) io[DNNL_ARG_SRC_ITER_C] = Wrap(plain.state, arg(2));
+  const int weight_args[2] = {DNNL_ARG_WEIGHTS_LAYER, DNNL_ARG_WEIGHTS_ITER};
+  for (int i = 0; i < 2; ++i) {
+    memory user = Wrap(plain_weights[i], arg(w + i));
+    if (!plan.to_weights[i]) {
+      io[weight_args[i]] = user;
+      continue;
+    }
+    memory mine = Wrap(plan.weights[i], Scratch(kWeights + i, plan.weights[i].get_size()));
+    plan.to_weights[i]->execute(stream, user, mine);
+    io[weight_args[i]] = mine;
+  }
+  return io;
+}
+
 template <Cell cell, Pass pass>
 ffi::Error Forward(ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  constexpr int c = HasCellState(cell);
+  constexpr bool c = HasCellState(cell);
   try {
     TheWorker().Run([&] {
-    auto arg = [&](size_t i) { return args.get<ffi::AnyBuffer>(i).value(); };
-    auto ret = [&](size_t i) { return *rets.get<ffi::AnyBuffer>(i).value(); };
-    const Shape s = ShapeOf(arg(0), arg(1));
-    const Plan& plan = GetPlan(cell, pass, s);
-    const Descs plain(cell, s, tag::ldigo);
-    dnnl::stream stream(Engine());
-    Buffer(0).resize(plan.scratchpad);
-    std::unordered_map<int, memory> io = {
-        {DNNL_ARG_SRC_LAYER, Wrap(plain.x, Ptr(arg(0)))},
-        {DNNL_ARG_SRC_ITER, Wrap(plain.state, Ptr(arg(1)))},
-        {DNNL_ARG_WEIGHTS_LAYER,
-         InLayout(stream, Wrap(plain.w_layer, Ptr(arg(1 + c + 1))), plan.w_layer, 1)},
-        {DNNL_ARG_WEIGHTS_ITER,
-         InLayout(stream, Wrap(plain.w_iter, Ptr(arg(1 + c + 2))), plan.w_iter, 2)},
-        {DNNL_ARG_BIAS, Wrap(plain.bias, Ptr(arg(1 + c + 3)))},
-        {DNNL_ARG_DST_LAYER, Wrap(plain.y, Ptr(ret(0)))},
-        {DNNL_ARG_DST_ITER, Wrap(plain.state, Ptr(ret(1)))},
-        {DNNL_ARG_SCRATCHPAD, Wrap(plan.pd.scratchpad_desc(), Buffer(0).data())},
-    };
-    if (c) {
-      io[DNNL_ARG_SRC_ITER_C] = Wrap(plain.state, Ptr(arg(2)));
-      io[DNNL_ARG_DST_ITER_C] = Wrap(plain.state, Ptr(ret(2)));
-    }
-    if (pass == Pass::kTrain) io[DNNL_ARG_WORKSPACE] = Wrap(plan.pd.workspace_desc(), Ptr(ret(2 + c)));
-    plan.prim.execute(stream, io);
-    stream.wait();
+      auto ret = [&](size_t i) { return Ptr(*rets.get<ffi::AnyBuffer>(i).value()); };
+      const Shape s = ShapeOf(args.get<ffi::AnyBuffer>(0).value(),
+                              args.get<ffi::AnyBuffer>(1).value());
+      const Plan& plan = GetPlan(cell, pass, s);
+      const Descs plain(cell, s, tag::ldigo);
+      dnnl::stream stream(Engine());
+      auto io = BindInputs(plan, plain, c, stream, args);
+      io[DNNL_ARG_DST_LAYER] = Wrap(plain.y, ret(0));
+      io[DNNL_ARG_DST_ITER] = Wrap(plain.state, ret(1));
+      if (c) io[DNNL_ARG_DST_ITER_C] = Wrap(plain.state, ret(2));
+      if (pass == Pass::kTrain) io[DNNL_ARG_WORKSPACE] = Wrap(plan.pd.workspace_desc(), ret(2 + c));
+      plan.prim.execute(stream, io);
+      stream.wait();
     });
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("jaxrnn oneDNN forward: ") + e.what());
@@ -252,60 +270,52 @@ ffi::Error Forward(ffi::RemainingArgs args, ffi::RemainingRets rets) {
 
 template <Cell cell>
 ffi::Error Backward(ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  constexpr int c = HasCellState(cell);
+  constexpr bool c = HasCellState(cell);
   try {
     TheWorker().Run([&] {
-    auto arg = [&](size_t i) { return args.get<ffi::AnyBuffer>(i).value(); };
-    auto ret = [&](size_t i) { return *rets.get<ffi::AnyBuffer>(i).value(); };
-    const Shape s = ShapeOf(arg(0), arg(1));
-    const Plan& plan = GetPlan(cell, Pass::kGrad, s);
-    const Descs plain(cell, s, tag::ldigo);
-    dnnl::stream stream(Engine());
-    Buffer(0).resize(plan.scratchpad);
-    // Inputs: x, h0, [c0], w_layer, w_iter, bias, y, hT, [cT], workspace, dy, dhT, [dcT].
-    const int w = 2 + c, out = w + 3, ws = out + 2 + c, d_out = ws + 1;
-    // Outputs: dx, dh0, [dc0], dw_layer, dw_iter, dbias.
-    const int dw = 2 + c;
-    const memory::desc want_layer = plan.pd.weights_desc(0), want_iter = plan.pd.weights_desc(1);
-    memory dw_layer_user = Wrap(plain.w_layer, Ptr(ret(dw)));
-    memory dw_iter_user = Wrap(plain.w_iter, Ptr(ret(dw + 1)));
-    // oneDNN accumulates into the weight gradients: they start at zero.
-    const bool own_layer = !(plan.w_layer == plain.w_layer), own_iter = !(plan.w_iter == plain.w_iter);
-    if (own_layer) Buffer(3).assign(plan.w_layer.get_size(), 0);
-    if (own_iter) Buffer(4).assign(plan.w_iter.get_size(), 0);
-    memory dw_layer = own_layer ? Wrap(plan.w_layer, Buffer(3).data()) : dw_layer_user;
-    memory dw_iter = own_iter ? Wrap(plan.w_iter, Buffer(4).data()) : dw_iter_user;
-    if (!own_layer) std::memset(Ptr(ret(dw)), 0, plain.w_layer.get_size());
-    if (!own_iter) std::memset(Ptr(ret(dw + 1)), 0, plain.w_iter.get_size());
-    std::memset(Ptr(ret(dw + 2)), 0, plain.bias.get_size());
-    std::unordered_map<int, memory> io = {
-        {DNNL_ARG_SRC_LAYER, Wrap(plain.x, Ptr(arg(0)))},
-        {DNNL_ARG_SRC_ITER, Wrap(plain.state, Ptr(arg(1)))},
-        {DNNL_ARG_WEIGHTS_LAYER, InLayout(stream, Wrap(plain.w_layer, Ptr(arg(w))), want_layer, 1)},
-        {DNNL_ARG_WEIGHTS_ITER, InLayout(stream, Wrap(plain.w_iter, Ptr(arg(w + 1))), want_iter, 2)},
-        {DNNL_ARG_BIAS, Wrap(plain.bias, Ptr(arg(w + 2)))},
-        {DNNL_ARG_DST_LAYER, Wrap(plain.y, Ptr(arg(out)))},
-        {DNNL_ARG_DST_ITER, Wrap(plain.state, Ptr(arg(out + 1)))},
-        {DNNL_ARG_WORKSPACE, Wrap(plan.pd.workspace_desc(), Ptr(arg(ws)))},
-        {DNNL_ARG_DIFF_DST_LAYER, Wrap(plain.y, Ptr(arg(d_out)))},
-        {DNNL_ARG_DIFF_DST_ITER, Wrap(plain.state, Ptr(arg(d_out + 1)))},
-        {DNNL_ARG_DIFF_SRC_LAYER, Wrap(plain.x, Ptr(ret(0)))},
-        {DNNL_ARG_DIFF_SRC_ITER, Wrap(plain.state, Ptr(ret(1)))},
-        {DNNL_ARG_DIFF_WEIGHTS_LAYER, dw_layer},
-        {DNNL_ARG_DIFF_WEIGHTS_ITER, dw_iter},
-        {DNNL_ARG_DIFF_BIAS, Wrap(plain.bias, Ptr(ret(dw + 2)))},
-        {DNNL_ARG_SCRATCHPAD, Wrap(plan.pd.scratchpad_desc(), Buffer(0).data())},
-    };
-    if (c) {
-      io[DNNL_ARG_SRC_ITER_C] = Wrap(plain.state, Ptr(arg(2)));
-      io[DNNL_ARG_DST_ITER_C] = Wrap(plain.state, Ptr(arg(out + 2)));
-      io[DNNL_ARG_DIFF_DST_ITER_C] = Wrap(plain.state, Ptr(arg(d_out + 2)));
-      io[DNNL_ARG_DIFF_SRC_ITER_C] = Wrap(plain.state, Ptr(ret(2)));
-    }
-    plan.prim.execute(stream, io);
-    if (own_layer) dnnl::reorder(dw_layer, dw_layer_user).execute(stream, dw_layer, dw_layer_user);
-    if (own_iter) dnnl::reorder(dw_iter, dw_iter_user).execute(stream, dw_iter, dw_iter_user);
-    stream.wait();
+      auto arg = [&](size_t i) { return Ptr(args.get<ffi::AnyBuffer>(i).value()); };
+      auto ret = [&](size_t i) { return Ptr(*rets.get<ffi::AnyBuffer>(i).value()); };
+      const Shape s = ShapeOf(args.get<ffi::AnyBuffer>(0).value(),
+                              args.get<ffi::AnyBuffer>(1).value());
+      const Plan& plan = GetPlan(cell, Pass::kGrad, s);
+      const Descs plain(cell, s, tag::ldigo);
+      dnnl::stream stream(Engine());
+      auto io = BindInputs(plan, plain, c, stream, args);
+      // Inputs after the weights: y, hT, [cT], workspace, dy, dhT, [dcT].
+      const int out = 5 + c, ws = out + 2 + c, d_out = ws + 1;
+      io[DNNL_ARG_DST_LAYER] = Wrap(plain.y, arg(out));
+      io[DNNL_ARG_DST_ITER] = Wrap(plain.state, arg(out + 1));
+      io[DNNL_ARG_WORKSPACE] = Wrap(plan.pd.workspace_desc(), arg(ws));
+      io[DNNL_ARG_DIFF_DST_LAYER] = Wrap(plain.y, arg(d_out));
+      io[DNNL_ARG_DIFF_DST_ITER] = Wrap(plain.state, arg(d_out + 1));
+      // Outputs: dx, dh0, [dc0], dw_layer, dw_iter, dbias.
+      io[DNNL_ARG_DIFF_SRC_LAYER] = Wrap(plain.x, ret(0));
+      io[DNNL_ARG_DIFF_SRC_ITER] = Wrap(plain.state, ret(1));
+      if (c) {
+        io[DNNL_ARG_DST_ITER_C] = Wrap(plain.state, arg(out + 2));
+        io[DNNL_ARG_DIFF_DST_ITER_C] = Wrap(plain.state, arg(d_out + 2));
+        io[DNNL_ARG_DIFF_SRC_ITER_C] = Wrap(plain.state, ret(2));
+      }
+      const int dw = 2 + c;
+      const memory::desc plain_weights[2] = {plain.w_layer, plain.w_iter};
+      const int diff_args[2] = {DNNL_ARG_DIFF_WEIGHTS_LAYER, DNNL_ARG_DIFF_WEIGHTS_ITER};
+      memory user_diff[2], diff[2];
+      for (int i = 0; i < 2; ++i) {  // oneDNN adds into the weight gradients: they start at 0
+        user_diff[i] = Wrap(plain_weights[i], ret(dw + i));
+        diff[i] = plan.from_diff_weights[i]
+                      ? Wrap(plan.diff_weights[i],
+                             Scratch(kDiffWeights + i, plan.diff_weights[i].get_size()))
+                      : user_diff[i];
+        std::memset(diff[i].get_data_handle(), 0, plan.diff_weights[i].get_size());
+        io[diff_args[i]] = diff[i];
+      }
+      io[DNNL_ARG_DIFF_BIAS] = Wrap(plain.bias, ret(dw + 2));
+      std::memset(ret(dw + 2), 0, plain.bias.get_size());
+      plan.prim.execute(stream, io);
+      for (int i = 0; i < 2; ++i) {
+        if (plan.from_diff_weights[i]) plan.from_diff_weights[i]->execute(stream, diff[i], user_diff[i]);
+      }
+      stream.wait();
     });
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("jaxrnn oneDNN backward: ") + e.what());
@@ -329,7 +339,9 @@ JAXRNN_HANDLER(jaxrnn_gru_grad, Backward<Cell::kGru>);
 extern "C" int64_t jaxrnn_workspace_bytes(int cell, int64_t t, int64_t b, int64_t d, int64_t h) {
   try {
     int64_t bytes = 0;
-    TheWorker().Run([&] { bytes = GetPlan(Cell(cell), Pass::kTrain, Shape{t, b, d, h}).workspace; });
+    TheWorker().Run([&] {
+      bytes = GetPlan(Cell(cell), Pass::kTrain, Shape{t, b, d, h}).pd.workspace_desc().get_size();
+    });
     return bytes;
   } catch (const std::exception&) {
     return 0;
