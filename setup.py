@@ -1,8 +1,8 @@
 """Builds jaxrnn's optional oneDNN kernel; everything else about the package is in pyproject.toml.
 
-`jaxrnn/csrc/onednn_rnn.cc` compiles against the XLA FFI headers that ship with jaxlib
+`jaxrnn/kernels/onednn_rnn.cc` compiles against the XLA FFI headers that ship with jaxlib
 (`jax.ffi.include_dir()`) and oneDNN's headers from Intel's onednn-devel-cpu-gomp wheel, both
-build requirements. It is not linked against libdnnl: `jaxrnn/kernels.py` loads libdnnl.so.3
+build requirements. It is not linked against libdnnl: `jaxrnn/kernels/__init__.py` loads libdnnl.so.3
 from the onednn-cpu-gomp wheel at run time. Where anything is missing (no C++ compiler, not
 x86-64 Linux), the install still succeeds without the kernel and jaxrnn runs its XLA path.
 """
@@ -44,7 +44,7 @@ class BuildKernels(build_ext):
 
 
 include_dirs = _include_dirs()
-extensions = [Extension("jaxrnn._onednn_rnn", ["jaxrnn/csrc/onednn_rnn.cc"],
+extensions = [Extension("jaxrnn.kernels._onednn_rnn", ["jaxrnn/kernels/onednn_rnn.cc"],
                         include_dirs=include_dirs, language="c++",
                         extra_compile_args=["-std=c++17"])] if include_dirs else []
 if not include_dirs:

@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.unroll = 1  # lax.scan unroll factor
   # "auto": the fastest path here (layers.resolve: oneDNN for lstm/gru on a CPU, cuDNN for a
   # wide LSTM on a GPU, else "fused"); "fused": XLA scan with a custom VJP (parallel scan for
-  # mingru/minlstm); "scan": the plain XLA scan; "onednn" / "cudnn": those kernels (kernels.py)
+  # mingru/minlstm); "scan": the plain XLA scan; "onednn" / "cudnn": those kernels (jaxrnn/kernels)
   config.model.impl = "auto"
   config.model.compute_dtype = "float32"  # matrix-product operands: float32 or bfloat16
   config.model.nonlinearity = "tanh"  # rnn cell only: tanh or relu

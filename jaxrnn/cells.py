@@ -47,7 +47,7 @@ class Cell:
     log_linear: the step is h' = a * h + b with a, b from gx alone, so the steps compose
       as a parallel scan;
     kernel: "lstm" or "gru" when the cell is exactly torch.nn.LSTM / nn.GRU with the parameters
-      `w_ih`, `w_hh`, `b` (and `b_hn`), so a whole-layer library kernel (`kernels.py`:
+      `w_ih`, `w_hh`, `b` (and `b_hn`), so a whole-layer library kernel (`jaxrnn.kernels`:
       oneDNN, cuDNN) can run it.
   """
   name: str

@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from jaxrnn import UserError, cells, model, provenance, sample, train
+from jaxrnn import UserError, cells, layers, model, provenance, sample, train
 from jaxrnn.tasks import lm
 
 flags.DEFINE_string("cells", ",".join(cells.names()),
@@ -52,7 +52,8 @@ flags.DEFINE_string("device", "cpu",
                     "JAX platform: cpu, gpu (CUDA) or tpu; torch follows gpu to cuda.")
 flags.DEFINE_bool("quick", False, "Tiny sizes for the test suite; flags given explicitly win.")
 flags.DEFINE_string("out", "bench.json", "Where to write the results as JSON.")
-flags.DEFINE_string("impls", "", "Comma list of config.model.impl values; '': the default.")
+flags.DEFINE_string("impls", "", "Comma list of config.model.impl values (e.g. auto,onednn,"
+                    "scan,fused); '': the default, auto, in a row named jaxrnn.")
 flags.DEFINE_string("serve", "", "Internal: the row this process times for its parent.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "jaxrnn's matrix-product operands (config.model.compute_dtype).")
@@ -373,6 +374,7 @@ def _print(out: dict[str, Any]) -> None:
   print(f"machine: {m['device']}, {m['cores']} cores, {m['platform']} | jax {m['jax']}, "
         f"torch {m['torch']}, flax {m['flax']}")
   print(f"peak: {peak:.1f} GFLOP/s fp32 = {out['peak']['how']}" if peak else "peak: n/a")
+  print("model.impl=auto runs: " + ", ".join(f"{c} {i}" for c, i in out["auto"].items()))
   print(f"{'cell':11} {'measure':12} {'impl':16} {'median':>12} {'unit':6} {'jaxrnn/x':>8} "
         f"{'GFLOP/s':>8} %peak")
   rows = [(cell, measure, impl, r) for cell, measures in out["results"].items()
@@ -438,7 +440,10 @@ def main(argv: list[str]) -> None:
     for process in processes.values():
       process.close()
   used = (*_QUICK, "layers", "vocab", "cells", "peers", "impls", "device")
-  out = {"machine": machine, "peak": peak, "results": results, "seq_sweep": sweep,
+  auto = {spec: layers.resolve(cells.get(_cell_spec(spec)[0], compute_dtype=FLAGS.compute_dtype),
+                               "auto", _cell_spec(spec)[1], FLAGS.seq)
+          for spec in _split(FLAGS.cells)}
+  out = {"machine": machine, "peak": peak, "auto": auto, "results": results, "seq_sweep": sweep,
          "memory_mib": memory, "flags": {k: FLAGS[k].value for k in used}}
   _print(out)
   pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=2))

@@ -8,7 +8,7 @@
 //                  -> dx, dh0, [dc0], dw_layer, dw_iter, dbias
 // Shapes (float32, row-major): x[b, t, d], h0/c0/hT/cT[b, h], y[b, t, h], w_layer[d, g, h]
 // (oneDNN's ldigo with l = direction = 1), w_iter[h, g, h], bias[gb, h] (ldgo),
-// workspace uint8[workspace_bytes(...)]. The Python side (jaxrnn/kernels.py) arranges
+// workspace uint8[workspace_bytes(...)]. The Python side (jaxrnn/kernels/__init__.py) arranges
 // jaxrnn's parameters into these layouts; embedding, dropout, head and loss stay in XLA.
 //
 // Every call runs on one dedicated thread, which owns the cached primitives (one per cell,

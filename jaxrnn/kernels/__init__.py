@@ -6,7 +6,7 @@ ys<float>[b, t, h])`, batch-major as both libraries take it, float32, differenti
 ("lstm" or "gru"), which promises PyTorch's equations and jaxrnn's parameter names (`w_ih`,
 `w_hh`, `b`, and the GRU's `b_hn`); here they are arranged into each library's layout.
 
-  onednn  lstm, gru  csrc/onednn_rnn.cc through `jax.ffi`: oneDNN's vanilla_lstm and lbr_gru
+  onednn  lstm, gru  onednn_rnn.cc (beside this file) through `jax.ffi`: oneDNN's vanilla_lstm and lbr_gru
                      primitives (forward_inference when not differentiated; forward_training
                      plus backward under a custom VJP). Built by `pip install` when a C++
                      compiler and Intel's onednn wheels are at hand (x86-64 Linux).
