@@ -43,14 +43,18 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
 
 
 # What model.impl="auto" runs (`resolve`), measured with scripts/bench.py (docs/speed.md):
-#   platform  cell                                     impl
-#   cpu       lstm, gru (float32), more than one step  onednn (without the extension: scan)
-#   cpu       rnn                                      fused
-#   cpu       every other cell, or one step            scan (rnn: fused)
-#   gpu       lstm (float32), hidden >= 1024           cudnn
-#   gpu, tpu  every other cell or shape                fused
+#   platform  cell                                                impl
+#   cpu       lstm, gru (float32), hidden >= 64, more than 1 step  onednn (not built: scan)
+#   cpu       rnn                                                 fused
+#   cpu       every other cell, size or one step at a time        scan
+#   gpu       lstm (float32), hidden >= 1024                      cudnn
+#   gpu, tpu  every other cell or shape                           fused
 CPU_FUSED = ("rnn",)  # its gates are as narrow as its state: the hoisted input product pays
-CUDNN_MIN_HIDDEN = 1024  # below it jaxrnn's fused scan beats cuDNN on an H100 (issue 15's figures)
+# Below these a kernel's fixed cost per call outweighs its gain: oneDNN evaluates a 2 x 32
+# LSTM at 0.75x the XLA scan on the 2-core EPYC (2 x 64: 1.2x); cuDNN loses to jaxrnn's fused
+# scan on an H100 below hidden 1024 (issue 15's figures).
+ONEDNN_MIN_HIDDEN = 64
+CUDNN_MIN_HIDDEN = 1024
 
 
 def resolve(cell: Cell, impl: str, hidden_size: int, steps: int,
@@ -65,7 +69,8 @@ def resolve(cell: Cell, impl: str, hidden_size: int, steps: int,
     return impl
   float32 = cell.dtype == jnp.float32
   if platform == "cpu":
-    if float32 and steps > 1 and cell.kernel in kernels.FAMILIES["onednn"]:
+    if (float32 and steps > 1 and hidden_size >= ONEDNN_MIN_HIDDEN
+        and cell.kernel in kernels.FAMILIES["onednn"]):
       if not kernels.unavailable("onednn"):
         return "onednn"
       kernels.warn_fallback("onednn")

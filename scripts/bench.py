@@ -254,14 +254,30 @@ def _serve(row: str, data: Data) -> None:
     try:
       if kind == "build":
         cell, hidden = _cell_spec(arg)
-        fns = (_PEERS[row](cell, hidden, data) if cell in _PEER_CELLS else {}) if (
-            row in _PEERS) else _jaxrnn(cell, hidden, data, impl)
+        if row in _PEERS:
+          fns = _PEERS[row](cell, hidden, data) if cell in _PEER_CELLS else {}
+        elif _runs(impl, cell):
+          fns = _jaxrnn(cell, hidden, data, impl)
+        else:
+          fns = {}
         reply: Any = list(fns)
       else:
         reply = fns[arg]()
     except UserError as e:
       reply = {"error": str(e)}
     print(json.dumps(reply), flush=True)
+
+
+def _runs(impl: str | None, cell: str) -> bool:
+  """Whether jaxrnn's `impl` runs `cell` here; a known impl that does not (e.g. onednn for
+  mingru) is left out of that cell's table with a note, an unknown one is an error."""
+  if impl in layers.IMPLS:
+    try:
+      layers.check(cells.get(cell, compute_dtype=FLAGS.compute_dtype), impl)
+    except UserError as e:
+      print(f"note: no jaxrnn[{impl}] row for {cell}: {e}", file=sys.stderr)
+      return False
+  return True
 
 
 class _Process:

@@ -155,10 +155,14 @@ def test_auto_follows_the_table(platform, name, hidden, want):
 
 
 def test_auto_picks_onednn_on_a_cpu_where_it_is_built():
+  """lstm and gru in float32 from hidden 64 on run in oneDNN; smaller, bf16 or one step: XLA."""
   want = "onednn" if not ONEDNN else "scan"
   for name in kernels.FAMILIES["onednn"]:
-    assert layers.resolve(cells.get(name), "auto", H, 64, "cpu") == want
-  assert layers.resolve(cells.get("lstm", compute_dtype="bfloat16"), "auto", H, 64, "cpu") == "scan"
+    assert layers.resolve(cells.get(name), "auto", 64, 64, "cpu") == want
+    assert layers.resolve(cells.get(name), "auto", 32, 64, "cpu") == "scan"
+    assert layers.resolve(cells.get(name), "auto", 256, 1, "cpu") == "scan"
+  assert layers.resolve(cells.get("lstm", compute_dtype="bfloat16"), "auto", 256, 64,
+                        "cpu") == "scan"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -183,10 +187,11 @@ def test_without_the_extension_auto_runs_xla_and_onednn_is_refused(tiny_config, 
   lib, why = kernels._load_onednn.__wrapped__()
   assert lib is None and "not built" in why
   monkeypatch.setattr(kernels, "_load_onednn", lambda: (None, why))
-  assert layers.resolve(cells.get("lstm"), "auto", H, 64, "cpu") == "scan"
+  assert layers.resolve(cells.get("lstm"), "auto", 256, 64, "cpu") == "scan"
   with pytest.raises(UserError, match="cannot run here: .*not built.*; use model.impl=auto"):
     config_lib.validate(tiny_config(model={"impl": "onednn"}))
-  result = train.train_and_evaluate(tiny_config(model={"cell": "lstm"}), str(tmp_path))
+  wide = tiny_config(model={"cell": "lstm", "hidden_size": 64})  # oneDNN's size, if it were built
+  result = train.train_and_evaluate(wide, str(tmp_path))
   assert np.isfinite(result["val_loss"])
 
 
