@@ -2,14 +2,15 @@
 
 A kernel runs one layer of a standard cell over all time steps in one call, with the carried
 state in and out: `LAYERS[impl](family, params, carry, xs<float>[b, t, d]) -> (carry,
-ys<float>[b, t, h])`, batch-major as both libraries take it, float32, differentiable. `family` is a cell's `kernel` field
-("lstm" or "gru"), which promises PyTorch's equations and jaxrnn's parameter names (`w_ih`,
-`w_hh`, `b`, and the GRU's `b_hn`); here they are arranged into each library's layout.
+ys<float>[b, t, h])`, batch-major as both libraries take it, float32, differentiable.
+`family` is a cell's `kernel` field ("lstm" or "gru"), which promises PyTorch's equations and
+jaxrnn's parameter names (`w_ih`, `w_hh`, `b`, and the GRU's `b_hn`); here they are arranged
+into each library's layout.
 
-  onednn  lstm, gru  onednn_rnn.cc (beside this file) through `jax.ffi`: oneDNN's vanilla_lstm and lbr_gru
-                     primitives (forward_inference when not differentiated; forward_training
-                     plus backward under a custom VJP). Built by `pip install` when a C++
-                     compiler and Intel's onednn wheels are at hand (x86-64 Linux).
+  onednn  lstm, gru  onednn_rnn.cc (beside this file) through `jax.ffi`: oneDNN's vanilla_lstm
+                     and lbr_gru primitives (forward_inference when not differentiated;
+                     forward_training plus backward under a custom VJP). Built by `pip install`
+                     where a C++ compiler and Intel's onednn wheels are at hand (x86-64 Linux).
   cudnn   lstm       `jax.experimental.rnn.lstm`, cuDNN's LSTM with its own VJP (GPU only).
 
 Each has a pure-JAX twin, the cell's own scan (`layers.recurrence`), which the tests compare
@@ -56,6 +57,23 @@ def _libdnnl() -> pathlib.Path | None:
   return pathlib.Path(found[0].locate()) if found else None
 
 
+# GNU OpenMP's threads spin this many times after a parallel region before they sleep. Its
+# default, 300,000, holds a core for milliseconds after each oneDNN call, which the XLA ops
+# that follow then lack; 1,000 (libgomp's own choice when threads outnumber cores) still
+# bridges the gaps between a layer's time steps. A 2 x 256 LSTM training step on the 2-core
+# EPYC: 96-99 ms against 100-105 ms (10,000: 100-103 ms). libgomp reads it once, when it
+# loads with libdnnl below.
+_GOMP_SPINCOUNT = "1000"
+
+
+def _spin_env() -> Callable[[], None]:
+  """Sets GOMP_SPINCOUNT for libgomp's start unless the user set it; returns the undo."""
+  if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+    return lambda: None
+  os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
+  return lambda: os.environ.pop("GOMP_SPINCOUNT", None)
+
+
 @functools.cache
 def _load_onednn() -> tuple[ctypes.CDLL | None, str]:
   """(the loaded extension with its FFI targets registered, "") or (None, why not)."""
@@ -65,11 +83,16 @@ def _load_onednn() -> tuple[ctypes.CDLL | None, str]:
                   "a C++ compiler and the onednn wheels are available)")
   if libdnnl is None:
     return None, "the onednn-cpu-gomp package (libdnnl.so.3) is not installed"
+  spin = _spin_env()
   try:
-    ctypes.CDLL(str(libdnnl), mode=ctypes.RTLD_GLOBAL | os.RTLD_DEEPBIND)
+    # Global, so that the extension (not linked against libdnnl: it is built without the
+    # library at hand) finds oneDNN's symbols when it is loaded next.
+    ctypes.CDLL(str(libdnnl), mode=ctypes.RTLD_GLOBAL)
     lib = ctypes.CDLL(str(extension))
   except OSError as e:
     return None, f"loading oneDNN failed: {e}"
+  finally:
+    spin()
   for name in _HANDLERS:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
   lib.jaxrnn_workspace_bytes.restype = ctypes.c_int64
