@@ -45,11 +45,13 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
 # What model.impl="auto" runs (`resolve`), measured with scripts/bench.py (docs/speed.md):
 #   platform  cell                                                impl
 #   cpu       lstm, gru (float32), hidden >= 64, more than 1 step  onednn (not built: scan)
-#   cpu       rnn                                                 fused
+#   cpu       rnn, lnlstm                                         fused
 #   cpu       every other cell, size or one step at a time        scan
 #   gpu       lstm (float32), hidden >= 1024                      cudnn
 #   gpu, tpu  every other cell or shape                           fused
-CPU_FUSED = ("rnn",)  # its gates are as narrow as its state: the hoisted input product pays
+# Cells whose hoisted input product pays on a CPU: rnn's gates are as narrow as its state,
+# lnlstm's input product carries a layer norm.
+CPU_FUSED = ("rnn", "lnlstm")
 # Below these a kernel's fixed cost per call outweighs its gain: oneDNN evaluates a 2 x 32
 # LSTM at 0.75x the XLA scan on the 2-core EPYC (2 x 64: 1.2x); cuDNN loses to jaxrnn's fused
 # scan on an H100 below hidden 1024 (issue 15's figures).

@@ -147,7 +147,8 @@ def test_auto_resolves_to_an_implementation_that_runs_here(name, steps):
 
 
 @pytest.mark.parametrize("platform, name, hidden, want", [
-    ("cpu", "mingru", 256, "scan"), ("cpu", "rnn", 256, "fused"), ("gpu", "lstm", 1024, "cudnn"),
+    ("cpu", "mingru", 256, "scan"), ("cpu", "rnn", 256, "fused"), ("cpu", "lnlstm", 256, "fused"),
+    ("cpu", "indrnn", 256, "scan"), ("gpu", "lstm", 1024, "cudnn"),
     ("gpu", "lstm", 512, "fused"), ("gpu", "gru", 1024, "fused"), ("tpu", "lstm", 1024, "fused")])
 def test_auto_follows_the_table(platform, name, hidden, want):
   """The documented `auto` table, row by row (platforms other than this one named explicitly)."""
