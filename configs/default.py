@@ -22,9 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.one_hot = False  # feed one-hot tokens instead of an embedding (embed_dim unused)
   config.model.dropout = 0.0  # on embeddings, between layers and before the head (train only)
   config.model.unroll = 1  # lax.scan unroll factor
-  # "auto": the fastest path here (layers.resolve: oneDNN for lstm/gru on a CPU, cuDNN for a
-  # wide LSTM on a GPU, else "fused"); "fused": XLA scan with a custom VJP (parallel scan for
-  # mingru/minlstm); "scan": the plain XLA scan; "onednn" / "cudnn": those kernels (jaxrnn/kernels)
+  # "auto": the fastest path measured here (layers.resolve: oneDNN for lstm/gru on a CPU, cuDNN
+  # for a wide LSTM on a GPU, else an XLA recurrence); "fused": XLA, input product first, then a
+  # scan with a custom VJP (parallel scan for mingru/minlstm); "scan": XLA scan of the whole
+  # step; "onednn" / "cudnn": those whole-layer kernels (jaxrnn/kernels)
   config.model.impl = "auto"
   config.model.compute_dtype = "float32"  # matrix-product operands: float32 or bfloat16
   config.model.nonlinearity = "tanh"  # rnn cell only: tanh or relu
