@@ -26,7 +26,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxrnn import UserError, config as config_lib, data
+from jaxrnn import UserError, cells, config as config_lib, data, layers
 
 # Config fields that change the shape of the params, the optimizer state or the carried state,
 # or what the saved data position (batches drawn) points at: a resumed run must keep them.
@@ -237,8 +237,21 @@ def load_run(workdir: str | os.PathLike, step: int | str = "latest"
   restored = _first_readable(mngr, step, ocp.args.Composite(
       state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   config, vocab = config_and_vocab(restored["meta"])
+  _impl_here(config)
   params = jax.tree.map(jnp.asarray, restored["state"]["train"]["params"])
   return config, vocab, params, restored["meta"]["step"]
+
+
+def _impl_here(config: ml_collections.ConfigDict) -> None:
+  """A saved model.impl this machine cannot run (cudnn trained on a GPU, read on a CPU; onednn
+  where the kernel is not built) becomes auto, with a note: the implementations agree to 1e-5."""
+  if config.model.cell not in cells.names():
+    return
+  try:
+    layers.check(cells.from_config(config.model), config.model.impl)
+  except UserError as e:
+    print(f"note: {e}; running this checkpoint with model.impl=auto", file=sys.stderr)
+    config.model.impl = "auto"
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:

@@ -247,3 +247,23 @@ def test_onednn_runs_both_directions_of_a_bidirectional_stack():
   run = lambda impl: layers.run_stack(cell, params, carries, xs, impl=impl, bidirectional=True,
                                       lengths=lengths)
   _assert_close(run("onednn"), run("scan"))
+
+
+def test_a_checkpoint_saved_with_an_impl_this_machine_lacks_evaluates_with_auto(
+    tiny_config, tmp_path, capsys):
+  """model.impl is the machine's, not the model's: a run saved with cudnn (trained on a GPU)
+  restores on a CPU with impl=auto and a note, and eval.py prints its figures."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(model={"impl": "scan"}), str(workdir))
+  meta_file = workdir / "checkpoints" / "5" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  meta["config"]["model"]["impl"] = "cudnn"
+  meta_file.write_text(json.dumps(meta))
+  capsys.readouterr()
+  config, *_ = checkpoint.load_run(str(workdir))
+  if jax.default_backend() != "gpu":
+    assert config.model.impl == "auto"
+    assert "model.impl=cudnn needs a GPU" in capsys.readouterr().err
+  proc = run_script("eval.py", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout)["step"] == 5
