@@ -237,10 +237,6 @@ def _flax(cell: str, hidden: int, data: Data) -> Fns:
 _PEERS = {"torch": _torch, "flax": _flax}
 
 
-def _row(impl: str | None) -> str:
-  return f"jaxrnn[{impl}]" if impl else "jaxrnn"
-
-
 def _serve(row: str, data: Data) -> None:
   """The child's side of `_Process`: one JSON request per stdin line, one JSON reply per line.
 
@@ -418,7 +414,7 @@ def main(argv: list[str]) -> None:
   for name in set(_split(FLAGS.peers)) - set(peers):
     print(f"note: skipping peer {name!r}: unknown or not importable", file=sys.stderr)
   impls = _split(FLAGS.impls)
-  rows = {_row(i): i for i in impls} or {"jaxrnn": None}
+  rows = {f"jaxrnn[{i}]": i for i in impls} or {"jaxrnn": None}
   data = {"train": _tokens(FLAGS.batch, FLAGS.seq), "eval": _tokens(_LANES, _CHUNK),
           "prefix": _tokens(1, _PREFIX)[0][0]}
   if FLAGS.serve:
@@ -456,9 +452,9 @@ def main(argv: list[str]) -> None:
     for process in processes.values():
       process.close()
   used = (*_QUICK, "layers", "vocab", "cells", "peers", "impls", "device")
-  auto = {spec: layers.resolve(cells.get(_cell_spec(spec)[0], compute_dtype=FLAGS.compute_dtype),
-                               "auto", _cell_spec(spec)[1], FLAGS.seq)
-          for spec in _split(FLAGS.cells)}
+  specs = {spec: _cell_spec(spec) for spec in _split(FLAGS.cells)}
+  auto = {spec: layers.resolve(cells.get(cell, compute_dtype=FLAGS.compute_dtype), "auto",
+                               hidden, FLAGS.seq) for spec, (cell, hidden) in specs.items()}
   out = {"machine": machine, "peak": peak, "auto": auto, "results": results, "seq_sweep": sweep,
          "memory_mib": memory, "flags": {k: FLAGS[k].value for k in used}}
   _print(out)

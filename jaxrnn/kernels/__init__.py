@@ -17,13 +17,14 @@ Each has a pure-JAX twin, the cell's own scan (`layers.recurrence`), which the t
 against, and `layers.resolve` falls back to it where a kernel cannot run.
 """
 
+import contextlib
 import ctypes
 import functools
 import importlib.metadata
 import importlib.machinery
 import os
 import pathlib
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -66,12 +67,18 @@ def _libdnnl() -> pathlib.Path | None:
 _GOMP_SPINCOUNT = "1000"
 
 
-def _spin_env() -> Callable[[], None]:
-  """Sets GOMP_SPINCOUNT for libgomp's start unless the user set it; returns the undo."""
+@contextlib.contextmanager
+def _gomp_spincount() -> Iterator[None]:
+  """GOMP_SPINCOUNT while libgomp starts, unless the user chose how OpenMP threads wait; it is
+  not left in the environment of processes started later."""
   if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
-    return lambda: None
+    yield
+    return
   os.environ["GOMP_SPINCOUNT"] = _GOMP_SPINCOUNT
-  return lambda: os.environ.pop("GOMP_SPINCOUNT", None)
+  try:
+    yield
+  finally:
+    del os.environ["GOMP_SPINCOUNT"]
 
 
 @functools.cache
@@ -83,16 +90,14 @@ def _load_onednn() -> tuple[ctypes.CDLL | None, str]:
                   "a C++ compiler and the onednn wheels are available)")
   if libdnnl is None:
     return None, "the onednn-cpu-gomp package (libdnnl.so.3) is not installed"
-  spin = _spin_env()
   try:
-    # Global, so that the extension (not linked against libdnnl: it is built without the
-    # library at hand) finds oneDNN's symbols when it is loaded next.
-    ctypes.CDLL(str(libdnnl), mode=ctypes.RTLD_GLOBAL)
-    lib = ctypes.CDLL(str(extension))
+    with _gomp_spincount():
+      # Global, so that the extension (not linked against libdnnl: it is built without the
+      # library at hand) finds oneDNN's symbols when it is loaded next.
+      ctypes.CDLL(str(libdnnl), mode=ctypes.RTLD_GLOBAL)
+      lib = ctypes.CDLL(str(extension))
   except OSError as e:
     return None, f"loading oneDNN failed: {e}"
-  finally:
-    spin()
   for name in _HANDLERS:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
   lib.jaxrnn_workspace_bytes.restype = ctypes.c_int64

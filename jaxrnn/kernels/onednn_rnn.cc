@@ -15,7 +15,8 @@
 // pass and shape) and their buffers. XLA calls from whichever of its threads is free, and
 // GNU OpenMP keeps a thread team per calling thread: from many callers the teams outnumber
 // the cores, libgomp stops spinning between parallel regions and each of the layer's
-// per-step regions waits for its team to wake (1.3-1.5x slower, measured). With one caller
+// per-step regions waits for its team to wake (a 2 x 256 layer's evaluation: 43 ms, against
+// 24 ms from one thread). With one caller
 // there is one team, as in PyTorch; the XLA thread sleeps until the layer is done.
 
 #include <condition_variable>
@@ -48,7 +49,7 @@ enum class Pass : int { kInfer = 0, kTrain = 1, kGrad = 2 };
 
 constexpr bool HasCellState(Cell cell) { return cell == Cell::kLstm; }
 constexpr int Gates(Cell cell) { return cell == Cell::kLstm ? 4 : 3; }
-constexpr int BiasGates(Cell cell) { return 4; }  // LSTM: i, f, g, o; LBR-GRU: u, r, n, n_h
+constexpr int kBiasGates = 4;  // LSTM: i, f, g, o; LBR-GRU: u, r, n and n's recurrent bias
 
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -108,7 +109,7 @@ struct Descs {
         state({1, 1, s.b, s.h}, dt::f32, tag::ldnc),
         w_layer({1, 1, s.d, Gates(cell), s.h}, dt::f32, weights),
         w_iter({1, 1, s.h, Gates(cell), s.h}, dt::f32, weights),
-        bias({1, 1, BiasGates(cell), s.h}, dt::f32, tag::ldgo),
+        bias({1, 1, kBiasGates, s.h}, dt::f32, tag::ldgo),
         y({s.t, s.b, s.h}, dt::f32, tag::ntc) {}
 };
 
