@@ -21,6 +21,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.embed_scale = 1.0  # std of the normal embedding init (1 as torch.nn.Embedding)
   config.model.one_hot = False  # feed one-hot tokens instead of an embedding (embed_dim unused)
   config.model.dropout = 0.0  # on embeddings, between layers and before the head (train only)
+  # Per-position rates (AWD-LSTM's dropouti / dropouth / dropout); None: model.dropout
+  config.model.dropout_in = placeholder(float)  # on the embedding output (the first layer's input)
+  config.model.dropout_hidden = placeholder(float)  # between layers
+  config.model.dropout_out = placeholder(float)  # on the last layer's output, before the head
+  config.model.locked_dropout = False  # one mask per lane and unit for all time steps (variational)
+  config.model.embed_dropout = 0.0  # drop whole vocabulary rows of the embedding per batch
+  config.model.weight_drop = 0.0  # DropConnect on each layer's recurrent matrix W_hh, per batch
+  config.model.tie_embedding = False  # lm: the head's weight is the embedding's transpose; the
+  # last layer then has embed_dim units (AWD-LSTM's 1150, 1150, 400 with hidden_size 1150)
+  config.model.init_scale = 0.0  # > 0: every parameter U(-s, s) (Zaremba et al.); 0: per-cell init
+  config.model.ar = 0.0  # lm: activation regularization, ar * mean(dropped last-layer output^2)
+  config.model.tar = 0.0  # lm: temporal AR, tar * mean((raw output_t+1 - output_t)^2)
   config.model.unroll = 1  # lax.scan unroll factor
   # "auto": the fastest path measured here (layers.resolve: oneDNN for lstm/gru on a CPU, cuDNN
   # for a wide LSTM on a GPU, else an XLA recurrence); "fused": XLA, input product first, then a
@@ -46,13 +58,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.split_seed = 0  # classify: the shuffle behind the fixed train/val/test split
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 1000  # optimizer steps
+  config.train.unit = "steps"  # of steps, warmup_steps, eval_every, ckpt_every: "steps" or
+  # "epochs" (passes over the training split; log_every stays in steps)
+  config.train.steps = 1000  # optimizer steps (or epochs)
   config.train.optimizer = "adam"  # adam, adamw or sgd
   config.train.lr = 3e-3  # peak learning rate
-  config.train.schedule = "constant"  # constant or cosine (with linear warmup)
+  config.train.schedule = "constant"  # constant, cosine (with linear warmup) or step (below)
+  # step: lr * decay_factor ** max(0, epoch + 1 - decay_after), epoch counted from 0 (Zaremba)
+  config.train.decay_factor = 0.5
+  config.train.decay_after = 4  # epochs at the full rate
   config.train.warmup_steps = 0  # linear warmup from 0 to lr
   config.train.weight_decay = 0.0  # adamw only
   config.train.clip_norm = 1.0  # global-norm gradient clipping; 0 turns it off
+  # NT-ASGD (Merity et al. 2018): 0 off; n > 0: once a validation loss is worse than the best
+  # before the last n validations, average the iterates from then on; evaluate and save the mean
+  config.train.asgd_patience = 0
   config.train.devices = 0  # local devices for data parallelism (pmap); 0: all of them
   config.train.seed = 0  # parameters, dropout and random batching
   config.train.log_every = 10  # steps between train rows in metrics.jsonl

@@ -3,7 +3,8 @@
 `<workdir>/checkpoints/<step>/` holds two items:
   state  the train state (its PRNG key as raw key data), the carried hidden state of every
          training lane, and the data iterator's position;
-  meta   JSON: the config, the vocabulary and the step, so a run restores from its workdir alone.
+  meta   JSON: the config, the vocabulary, the step and the validation history NT-ASGD reads,
+         so a run restores from its workdir alone.
 Orbax writes each checkpoint into a temporary directory and renames it once complete, so a
 crash mid-save never leaves a partial checkpoint behind as the latest one. `resume` continues
 a run in its workdir; `load_run` reads a run back for evaluation and sampling.
@@ -32,7 +33,8 @@ from jaxrnn import UserError, cells, config as config_lib, data, layers
 # or what the saved data position (batches drawn) points at: a resumed run must keep them.
 FROZEN_FIELDS = ("task", "model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
                  "model.one_hot", "model.bidirectional", "model.num_classes", "data.corpus",
-                 "data.tokens", "data.batch_size", "data.seq_len", "train.optimizer")
+                 "data.tokens", "data.batch_size", "data.seq_len", "train.optimizer",
+                 "model.tie_embedding", "train.asgd_patience")
 
 
 def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
@@ -56,11 +58,15 @@ def _saved_form(state: Any, carry: Any) -> dict[str, Any]:
 
 
 def save(mngr: ocp.CheckpointManager, state: Any, carry: Any, position: int, config: Any,
-         vocab: data.Vocab, val_loss: float | None = None) -> None:
-  """Saves a checkpoint at `state.step`; `val_loss` (if measured at this step) ranks the best."""
+         vocab: data.Vocab, val_loss: float | None = None,
+         val_losses: list[float] | None = None) -> None:
+  """Saves a checkpoint at `state.step`; `val_loss` (if measured at this step) ranks the best.
+
+  `val_losses`: the validation history NT-ASGD's trigger reads (`train.nt_trigger`).
+  """
   step = int(state.step)
   meta = {"step": step, "position": position, "config": json.loads(config.to_json()),
-          "vocab": json.loads(vocab.to_json())}
+          "vocab": json.loads(vocab.to_json()), "val_losses": list(val_losses or [])}
   arrays = jax.device_get(_saved_form(state, carry))  # host copies: orbax writes them from process 0
   try:
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
@@ -204,14 +210,15 @@ def check_compatible(saved: ml_collections.ConfigDict, config: Any) -> None:
 
 
 def resume(mngr: ocp.CheckpointManager, state: Any, carry: Any, config: Any,
-           vocab: data.Vocab) -> tuple[Any, Any, int]:
-  """(state, carry, data position) of the latest readable checkpoint; the inputs and 0 if none.
+           vocab: data.Vocab) -> tuple[Any, Any, int, list[float]]:
+  """(state, carry, data position, validation history) of the latest readable checkpoint; the
+  inputs, 0 and [] if there is none.
 
   Refuses a config or vocabulary the checkpoint was not trained with. Unreadable steps newer
   than the one restored are moved aside (by the main process), so training can pass them.
   """
   if mngr.latest_step() is None:
-    return state, carry, 0
+    return state, carry, 0, []
   saved_config, saved_vocab = config_and_vocab(read_meta(mngr))
   check_compatible(saved_config, config)
   if saved_vocab.tokens != vocab.tokens:
@@ -221,7 +228,7 @@ def resume(mngr: ocp.CheckpointManager, state: Any, carry: Any, config: Any,
   if jax.process_index() == 0:
     _move_aside_newer(mngr, meta["step"])
   _warn(f"resuming from the checkpoint at step {meta['step']}")
-  return state, carry, meta["position"]
+  return state, carry, meta["position"], list(meta.get("val_losses", []))
 
 
 def load_run(workdir: str | os.PathLike, step: int | str = "latest"
@@ -229,7 +236,8 @@ def load_run(workdir: str | os.PathLike, step: int | str = "latest"
   """(config, vocab, params, step) of a saved run, from its workdir alone.
 
   The whole checkpoint is read (so damage anywhere in it is found, and with step 'latest' the
-  next older one is tried), in the structure it was saved in; the params are returned.
+  next older one is tried), in the structure it was saved in; the params are returned, or
+  their NT-ASGD average once averaging has started (what the run evaluated).
   """
   if not pathlib.Path(workdir, "checkpoints").is_dir():
     raise UserError(f"no checkpoints in {workdir}: not a jaxrnn workdir, or it never saved one")
@@ -238,7 +246,10 @@ def load_run(workdir: str | os.PathLike, step: int | str = "latest"
       state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   config, vocab = config_and_vocab(restored["meta"])
   _impl_here(config)
-  params = jax.tree.map(jnp.asarray, restored["state"]["train"]["params"])
+  train = restored["state"]["train"]
+  averaged = train["opt_state"] if config.train.asgd_patience > 0 else {}
+  params = averaged["mean"] if averaged.get("count", 0) > 0 else train["params"]
+  params = jax.tree.map(jnp.asarray, params)
   return config, vocab, params, restored["meta"]["step"]
 
 

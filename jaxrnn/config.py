@@ -19,7 +19,9 @@ from jaxrnn import UserError, cells, data, layers, tasks
 
 Config = ml_collections.ConfigDict
 OPTIMIZERS = ("adam", "adamw", "sgd")  # built by train.make_optimizer
-SCHEDULES = ("constant", "cosine")  # built by train.learning_rate
+SCHEDULES = ("constant", "cosine", "step")  # built by train.learning_rate
+UNITS = ("steps", "epochs")
+EPOCH_FIELDS = ("steps", "warmup_steps", "eval_every", "ckpt_every")  # in train.unit
 TOKENS = ("char", "word")
 POOLINGS = ("last", "mean")
 Rule = tuple[Callable[[Any], bool], str]  # (is the value valid?, what the valid values are)
@@ -37,6 +39,11 @@ def _finite_at_least(low: float) -> Rule:
   return (lambda v: math.isfinite(v) and v >= low), f"a finite number >= {low}"
 
 
+def _rate(none: bool = False) -> Rule:
+  valid = "in [0, 1) (the fraction dropped)" + (", or None (model.dropout)" if none else "")
+  return (lambda v: (none and v is None) or (v is not None and 0.0 <= v < 1.0)), valid
+
+
 # Fields whose valid values do not depend on other fields.
 RULES: dict[str, Rule] = {
     "task": _one_of(tuple(tasks.TASKS)),
@@ -45,7 +52,15 @@ RULES: dict[str, Rule] = {
     "model.num_layers": _at_least(1),
     "model.unroll": _at_least(1),
     "model.embed_scale": _finite_at_least(0.0),
-    "model.dropout": ((lambda v: 0.0 <= v < 1.0), "in [0, 1) (the fraction of units dropped)"),
+    "model.dropout": _rate(),
+    "model.dropout_in": _rate(none=True),
+    "model.dropout_hidden": _rate(none=True),
+    "model.dropout_out": _rate(none=True),
+    "model.embed_dropout": _rate(),
+    "model.weight_drop": _rate(),
+    "model.init_scale": _finite_at_least(0.0),
+    "model.ar": _finite_at_least(0.0),
+    "model.tar": _finite_at_least(0.0),
     "model.impl": _one_of(layers.IMPLS),
     "model.compute_dtype": _one_of(tuple(cells.DTYPES)),
     "data.tokens": _one_of((None,) + TOKENS),
@@ -53,7 +68,11 @@ RULES: dict[str, Rule] = {
     "data.batch_size": _at_least(1),
     "data.seq_len": _at_least(1),
     "data.max_vocab": ((lambda v: v == 0 or v >= 3), "0 (no cap) or >= 3"),
+    "train.unit": _one_of(UNITS),
     "train.steps": _at_least(1),
+    "train.decay_factor": ((lambda v: 0.0 < v <= 1.0), "in (0, 1] (the lr's factor per epoch)"),
+    "train.decay_after": _at_least(0),
+    "train.asgd_patience": (_at_least(0)[0], ">= 0 (0 turns NT-ASGD off)"),
     "train.optimizer": _one_of(OPTIMIZERS),
     "train.lr": _finite_at_least(0.0),
     "train.warmup_steps": _at_least(0),
@@ -102,6 +121,16 @@ def validate(config: Config) -> None:
   layers.check(cell, model_config.impl)  # a kernel that cannot run this cell, or not here
   if not model_config.one_hot and model_config.embed_dim < 1:
     _fail("model.embed_dim", model_config.embed_dim, ">= 1 (or set model.one_hot=True)")
+  if model_config.weight_drop > 0 and cell.recurrent_weight is None:
+    with_weight = ", ".join(n for n in cells.names() if cells.get(n).recurrent_weight)
+    raise UserError(f"model.weight_drop needs a cell with one recurrent matrix ({with_weight}), "
+                    f"not {model_config.cell!r}; set model.weight_drop=0")
+  if model_config.one_hot and (model_config.tie_embedding or model_config.embed_dropout > 0):
+    raise UserError("model.tie_embedding and model.embed_dropout act on the embedding: set "
+                    "model.one_hot=False")
+  if config.train.schedule == "step" and config.train.warmup_steps:
+    raise UserError("train.schedule=step has no warmup: set train.warmup_steps=0, or use "
+                    "schedule=constant or cosine")
   corpus = data.CORPORA.get(data_config.corpus)
   if config.task == "lm":
     _check_lm(config, corpus)
@@ -125,6 +154,11 @@ def _check_lm(config: Config, corpus: data.Corpus | None) -> None:
                     "task=classify")
   if corpus is None:
     data.text_file(config.data.corpus)
+  if config.model.tie_embedding and config.model.num_layers == 1 and (
+      config.model.hidden_size != config.model.embed_dim):
+    raise UserError(f"model.tie_embedding makes the last layer model.embed_dim="
+                    f"{config.model.embed_dim} wide, but the one layer is model.hidden_size="
+                    f"{config.model.hidden_size}: set them equal, or add layers")
 
 
 def _check_classify(config: Config, corpus: data.Corpus | None) -> None:
@@ -136,6 +170,10 @@ def _check_classify(config: Config, corpus: data.Corpus | None) -> None:
                     f"data.corpus={config.data.corpus!r}")
   if model_config.one_hot:
     raise UserError("the classifier reads words through an embedding: set model.one_hot=False")
+  for name in ("tie_embedding", "ar", "tar"):
+    if model_config[name]:
+      raise UserError(f"model.{name} belongs to the language model (task=lm); the classifier "
+                      f"has no next-token head: leave it at {default.get_config().model[name]}")
   if model_config.pooling not in POOLINGS:
     _fail("model.pooling", model_config.pooling, _one_of(POOLINGS)[1])
   classes = corpus.classes
@@ -144,6 +182,18 @@ def _check_classify(config: Config, corpus: data.Corpus | None) -> None:
     raise UserError(f"model.num_classes is {model_config.num_classes} but {config.data.corpus} "
                     f"has {len(classes)} classes ({', '.join(classes)}); set it to {len(classes)}"
                     + (" (softmax) or 1 (one sigmoid unit)" if binary else ""))
+
+
+def in_steps(config: Config, steps_per_epoch: int) -> Config:
+  """`config` with train.unit "steps": EPOCH_FIELDS times `steps_per_epoch` if they were in
+  epochs (passes over the training split, `steps_per_epoch` batches each)."""
+  if config.train.unit == "steps":
+    return config
+  config = config.copy_and_resolve_references()
+  for name in EPOCH_FIELDS:
+    config.train[name] *= steps_per_epoch
+  config.train.unit = "steps"
+  return config
 
 
 def from_saved(saved: dict[str, Any]) -> Config:

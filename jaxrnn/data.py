@@ -339,6 +339,7 @@ class RandomWindows:
       raise UserError(f"the training split ({len(ids)} tokens) is shorter than seq_len + 1 "
                       f"({seq_len + 1}): lower data.seq_len or use a longer corpus")
     self.ids, self.batch_size, self.seq_len, self.seed = ids, batch_size, seq_len, seed
+    self.batches_per_epoch = max(1, (len(ids) - 1) // (batch_size * seq_len))  # tokens' worth
     self.position = position
 
   def __iter__(self) -> Iterator[Batch]:

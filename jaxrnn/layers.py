@@ -247,29 +247,55 @@ def split_rows(rng: jax.Array, num: int, rows: int) -> list[jax.Array]:
   return [keys[:, i] for i in range(num)]
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None, locked: bool = False) -> jax.Array:
   """Inverted dropout on x[b, ...]; the identity when `rng` is None (evaluation) or `rate` is 0.
 
   Each row draws its mask from its own key (`row_keys`), so a row's mask is the same however
-  the batch is split across devices.
+  the batch is split across devices. `locked` (variational dropout, Gal & Ghahramani 2016):
+  one mask per row over the last axis, the same at every time step of xs<float>[b, t, d].
   """
   if rng is None or rate == 0.0:
     return x
-  keep = jax.vmap(lambda k, row: jax.random.bernoulli(k, 1.0 - rate, row.shape))(
-      row_keys(rng, x.shape[0]), x)
+  mask_shape = x.shape[-1:] if locked else x.shape[1:]
+  keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, mask_shape))(
+      row_keys(rng, x.shape[0]))
+  if locked:
+    keep = keep.reshape(keep.shape[:1] + (1,) * (x.ndim - 2) + keep.shape[1:])
   return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def drop_weight(cell: Cell, params: Params, rate: float, rng: jax.Array | None) -> Params:
+  """DropConnect (Wan et al. 2013; AWD-LSTM's weight drop) on the layer's recurrent matrix.
+
+  params[cell.recurrent_weight] has entries zeroed with probability `rate` (the rest scaled by
+  1 / (1 - rate)) by one mask from the single key `rng`: the same for every time step and
+  every lane, on every device. It happens before the recurrence, so every `impl` runs it.
+  The identity when `rng` is None (evaluation) or `rate` is 0. Bidirectional params
+  ({'fwd', 'bwd'}) draw one mask per direction.
+  """
+  if rng is None or rate == 0.0:
+    return params
+  if cell.recurrent_weight not in params:
+    return {d: drop_weight(cell, params[d], rate, jax.random.fold_in(rng, i))
+            for i, d in enumerate(sorted(params))}
+  w = params[cell.recurrent_weight]
+  keep = jax.random.bernoulli(rng, 1.0 - rate, w.shape)
+  return {**params, cell.recurrent_weight: jnp.where(keep, w / (1.0 - rate), 0.0)}
 
 
 def run_stack(cell: Cell, layer_params: Sequence[Params], carries: Sequence[Carry], xs: jax.Array,
               *, dropout_rate: float = 0.0, rng: jax.Array | None = None, unroll: int = 1,
-              impl: str = "auto", bidirectional: bool = False,
-              lengths: jax.Array | None = None) -> tuple[list[Carry], jax.Array]:
+              impl: str = "auto", bidirectional: bool = False, lengths: jax.Array | None = None,
+              locked: bool = False, weight_drop: float = 0.0,
+              weight_rng: jax.Array | None = None) -> tuple[list[Carry], jax.Array]:
   """Runs stacked layers over xs<float>[b, t, d] -> (carries, ys<float>[b, t, h]).
 
-  Dropout is applied between layers (to the input of layers 2..n) when `rng` (one key, or
-  keys<key>[b]) is given. `bidirectional` layers (`run_bidirectional`: params and carries per
-  direction, ys<float>[b, t, 2h]) read each row's first lengths<int>[b] steps backwards (all t
-  steps when lengths is None).
+  Dropout is applied between layers (to the input of layers 2..n; `locked`: one mask per lane
+  for all steps) when `rng` (one key, or keys<key>[b]) is given; `weight_drop` on each layer's
+  recurrent matrix (`drop_weight`) when `weight_rng` (one key, shared by the batch) is given.
+  `bidirectional` layers (`run_bidirectional`: params and carries per direction,
+  ys<float>[b, t, 2h]) read each row's first lengths<int>[b] steps backwards (all t steps when
+  lengths is None).
   """
   run_layer = run
   if bidirectional:
@@ -280,7 +306,9 @@ def run_stack(cell: Cell, layer_params: Sequence[Params], carries: Sequence[Carr
   new_carries = []
   for i, (params, carry) in enumerate(zip(layer_params, carries)):
     if i > 0:
-      xs = dropout(xs, dropout_rate, keys[i])
+      xs = dropout(xs, dropout_rate, keys[i], locked)
+    w_key = None if weight_rng is None else jax.random.fold_in(weight_rng, i)
+    params = drop_weight(cell, params, weight_drop, w_key)
     carry, xs = run_layer(cell, params, carry, xs, unroll=unroll, impl=impl)
     new_carries.append(carry)
   return new_carries, xs

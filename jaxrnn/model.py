@@ -1,13 +1,16 @@
 """Models as pure functions: the character (or word) language model and the sentence classifier.
 
 LM: `init(key, model_config, vocab_size) -> params` and
-`apply(params, carry, tokens, model_config=...)`. Classifier: `init_classifier(key, model_config,
+`apply(params, carry, tokens, model_config=...)` (`outputs` and `head` are its two halves, for
+losses that read the last layer's outputs). The regularizers of the Penn Treebank recipes
+(embedding dropout, per-position and locked dropout, weight drop, tying, uniform init) live
+here and in `layers`; training keys come as `Rngs`. Classifier: `init_classifier(key, model_config,
 vocab_size)` and `apply_classifier(params, tokens, lengths, model_config=...)`. `model_config` is
 the `model` section of a jaxrnn config, checked by `config.validate`. Shapes: tokens<int>[b, t]
 batch-major; c is the number of classifier outputs.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,34 +21,76 @@ from jaxrnn.cells import Carry
 Config = Any  # ml_collections.ConfigDict (the `model` section)
 
 
+class Rngs(NamedTuple):
+  """The keys of one training step's random masks.
+
+  rows: keys<key>[b], one per batch row, for masks on activations (dropout), so a row's mask is
+    the same however the batch is split over devices;
+  shared: one key for the masks the whole batch shares (embedding rows, recurrent weights),
+    the same on every device.
+  """
+  rows: jax.Array
+  shared: jax.Array
+
+
+def layer_sizes(model_config: Config) -> list[int]:
+  """Each layer's width: hidden_size, except a tied LM's last layer, which is embed_dim wide."""
+  sizes = [model_config.hidden_size] * model_config.num_layers
+  if model_config.tie_embedding:
+    sizes[-1] = model_config.embed_dim
+  return sizes
+
+
+def dropout_rates(model_config: Config) -> tuple[float, float, float]:
+  """(on the embedding output, between layers, before the head): each its own field or `dropout`."""
+  return tuple(model_config.dropout if r is None else r for r in
+               (model_config.dropout_in, model_config.dropout_hidden, model_config.dropout_out))
+
+
+def _uniform_init(key: jax.Array, params: Any, scale: float) -> Any:
+  """Every parameter redrawn from U(-scale, scale), as in Zaremba et al. 2014."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.fold_in(key, len(leaves)), len(leaves))
+  return jax.tree.unflatten(treedef, [jax.random.uniform(k, x.shape, x.dtype, -scale, scale)
+                                      for k, x in zip(keys, leaves)])
+
+
 def _init(key: jax.Array, model_config: Config, input_size: int, head_size: int,
           directions: int) -> dict[str, Any]:
   """layers, head<h', head_size>, and embedding<v, e> unless `model_config.one_hot`.
 
-  One params dict per layer, or a {'fwd', 'bwd'} pair of them for two directions; h' is h
-  per direction. The embedding is N(0, embed_scale^2); the head U(-1/sqrt(h'), 1/sqrt(h')) as
-  torch.nn.Linear.
+  One params dict per layer, or a {'fwd', 'bwd'} pair of them for two directions; h' is the
+  last layer's width (`layer_sizes`) times the directions. The embedding is
+  N(0, embed_scale^2); the head U(-1/sqrt(h'), 1/sqrt(h')) as torch.nn.Linear; a tied head
+  has only its bias, its weight being the embedding's transpose. With `init_scale` > 0 every
+  parameter is U(-init_scale, init_scale) instead.
   """
   cell = cells.from_config(model_config)
-  h, n = model_config.hidden_size, directions
+  sizes, n = layer_sizes(model_config), directions
   k_embed, k_head_w, k_head_b, *k_layers = jax.random.split(key, 3 + model_config.num_layers)
 
-  def layer(k, d):
+  def layer(k, d, h):
     if n == 1:
       return cell.init(k, d, h)
     k_f, k_b = jax.random.split(k)
     return {"fwd": cell.init(k_f, d, h), "bwd": cell.init(k_b, d, h)}
 
   d = input_size if model_config.one_hot else model_config.embed_dim
-  bound = 1.0 / jnp.sqrt(n * h)
+  bound = 1.0 / jnp.sqrt(n * sizes[-1])
   params = {
-      "layers": [layer(k, d if i == 0 else n * h) for i, k in enumerate(k_layers)],
-      "head": {"w": jax.random.uniform(k_head_w, (n * h, head_size), jnp.float32, -bound, bound),
+      "layers": [layer(k, d if i == 0 else n * sizes[i - 1], sizes[i])
+                 for i, k in enumerate(k_layers)],
+      "head": {"w": jax.random.uniform(k_head_w, (n * sizes[-1], head_size), jnp.float32, -bound,
+                                       bound),
                "b": jax.random.uniform(k_head_b, (head_size,), jnp.float32, -bound, bound)},
   }
+  if model_config.tie_embedding:
+    del params["head"]["w"]
   if not model_config.one_hot:
     params["embed"] = model_config.embed_scale * jax.random.normal(
         k_embed, (input_size, model_config.embed_dim), jnp.float32)
+  if model_config.init_scale > 0:
+    params = _uniform_init(key, params, model_config.init_scale)
   return params
 
 
@@ -54,9 +99,35 @@ def _dropout_keys(rng: jax.Array | None, rows: int) -> tuple[jax.Array | None, .
   return tuple(layers.split_rows(rng, 3, rows)) if rng is not None else (None,) * 3
 
 
-def _head(params: dict[str, Any], y: jax.Array, dtype: Any) -> jax.Array:
-  """y<float>[..., h'] -> logits<float>[..., head_size]."""
-  return cells.matmul(y, params["head"]["w"], dtype) + params["head"]["b"]
+def head(params: dict[str, Any], y: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+  """y<float>[..., h'] -> logits<float>[..., head_size]; a tied head reads the embedding."""
+  w = params["head"]["w"] if "w" in params["head"] else params["embed"].T
+  return cells.matmul(y, w, dtype) + params["head"]["b"]
+
+
+def embed(params: dict[str, Any], tokens: jax.Array, model_config: Config, vocab_size: int,
+           rng: jax.Array | None) -> jax.Array:
+  """tokens<int>[b, t] -> x<float>[b, t, e] (or one-hot [b, t, v]).
+
+  Embedding dropout (Gal & Ghahramani 2016; AWD-LSTM's dropoute): with `rng` (one key for the
+  batch) whole rows of the embedding, i.e. every occurrence of a word, are zeroed with
+  probability `embed_dropout`, the others scaled by 1 / (1 - embed_dropout).
+  """
+  if model_config.one_hot:
+    return jax.nn.one_hot(tokens, vocab_size, dtype=jnp.float32)
+  x = params["embed"][tokens]
+  rate = model_config.embed_dropout
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (vocab_size,))
+  return x * jnp.where(keep, 1.0 / (1.0 - rate), 0.0)[tokens][..., None]
+
+
+def _shared_keys(shared_rng: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
+  """(embedding-dropout key, weight-drop key) from the batch's shared key; Nones without it."""
+  if shared_rng is None:
+    return None, None
+  return jax.random.fold_in(shared_rng, 0), jax.random.fold_in(shared_rng, 1)
 
 
 def init(key: jax.Array, model_config: Config, vocab_size: int) -> dict[str, Any]:
@@ -65,33 +136,46 @@ def init(key: jax.Array, model_config: Config, vocab_size: int) -> dict[str, Any
 
 
 def initial_carry(model_config: Config, batch_size: int) -> list[Carry]:
-  """Zero carries, one per layer, each for b = batch_size."""
+  """Zero carries, one per layer (of its width, `layer_sizes`), each for b = batch_size."""
   cell = cells.from_config(model_config)
-  return [cell.initial_carry(batch_size, model_config.hidden_size)
-          for _ in range(model_config.num_layers)]
+  return [cell.initial_carry(batch_size, h) for h in layer_sizes(model_config)]
+
+
+def outputs(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
+            model_config: Config, train: bool = False, rng: Rngs | None = None
+            ) -> tuple[list[Carry], jax.Array, jax.Array]:
+  """tokens<int>[b, t] -> (carry, ys<float>[b, t, h], dropped ys<float>[b, t, h]).
+
+  The last layer's outputs, before and after the dropout that precedes the head. When `train`
+  (with `rng`): embedding dropout and weight drop from `rng.shared`; dropout (rates
+  `dropout_rates`, locked if `locked_dropout`) on the embeddings, between layers and before
+  the head, as in Zaremba et al. 2014, from `rng.rows`.
+  """
+  cell = cells.from_config(model_config)
+  vocab_size = params["head"]["b"].shape[0]
+  rng = rng if train else None
+  k_embed, k_weight = _shared_keys(None if rng is None else rng.shared)
+  x = embed(params, tokens, model_config, vocab_size, k_embed)
+  k_in, k_stack, k_out = _dropout_keys(None if rng is None else rng.rows, tokens.shape[0])
+  rate_in, rate_hidden, rate_out = dropout_rates(model_config)
+  locked = model_config.locked_dropout
+  x = layers.dropout(x, rate_in, k_in, locked)
+  carry, y = layers.run_stack(cell, params["layers"], carry, x, dropout_rate=rate_hidden,
+                              rng=k_stack, unroll=model_config.unroll, impl=model_config.impl,
+                              locked=locked, weight_drop=model_config.weight_drop,
+                              weight_rng=k_weight)
+  return carry, y, layers.dropout(y, rate_out, k_out, locked)
 
 
 def apply(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
           model_config: Config, train: bool = False,
-          rng: jax.Array | None = None) -> tuple[list[Carry], jax.Array]:
-  """tokens<int>[b, t] -> (carry, logits<float>[b, t, v]); dropout only when `train`.
+          rng: Rngs | None = None) -> tuple[list[Carry], jax.Array]:
+  """tokens<int>[b, t] -> (carry, logits<float>[b, t, v]); regularizers only when `train`.
 
-  Dropout (rate `model_config.dropout`) is applied to the embeddings, between layers and
-  before the head, as in Zaremba et al. 2014; `rng` is one key or keys<key>[b], one per row
-  (see `layers.row_keys`).
+  See `outputs` for what `train` and `rng` switch on.
   """
-  cell = cells.from_config(model_config)
-  vocab_size = params["head"]["b"].shape[0]
-  if model_config.one_hot:
-    x = jax.nn.one_hot(tokens, vocab_size, dtype=jnp.float32)
-  else:
-    x = params["embed"][tokens]
-  k_in, k_stack, k_out = _dropout_keys(rng if train else None, tokens.shape[0])
-  x = layers.dropout(x, model_config.dropout, k_in)
-  carry, y = layers.run_stack(cell, params["layers"], carry, x, dropout_rate=model_config.dropout,
-                              rng=k_stack, unroll=model_config.unroll, impl=model_config.impl)
-  y = layers.dropout(y, model_config.dropout, k_out)
-  return carry, _head(params, y, cell.dtype)
+  carry, _, y = outputs(params, carry, tokens, model_config=model_config, train=train, rng=rng)
+  return carry, head(params, y, cells.from_config(model_config).dtype)
 
 
 def init_classifier(key: jax.Array, model_config: Config, vocab_size: int) -> dict[str, Any]:
@@ -121,24 +205,30 @@ def _pool(ys: jax.Array, lengths: jax.Array, pooling: str, bidirectional: bool) 
 
 def apply_classifier(params: dict[str, Any], tokens: jax.Array, lengths: jax.Array, *,
                      model_config: Config, train: bool = False,
-                     rng: jax.Array | None = None) -> jax.Array:
+                     rng: Rngs | None = None) -> jax.Array:
   """tokens<int>[b, t], each row padded after its lengths<int>[b] (>= 1) words -> logits<float>[b, c].
 
   Embedding -> cell stack from a zero state -> pooled valid outputs (`model_config.pooling`) ->
-  head; padding never reaches the logits. Dropout as in `apply`.
+  head; padding never reaches the logits. Regularizers as in `outputs`.
   """
   cell = cells.from_config(model_config)
   bidirectional = model_config.bidirectional
-  k_in, k_stack, k_out = _dropout_keys(rng if train else None, tokens.shape[0])
+  rng = rng if train else None
+  k_embed, k_weight = _shared_keys(None if rng is None else rng.shared)
+  k_in, k_stack, k_out = _dropout_keys(None if rng is None else rng.rows, tokens.shape[0])
+  rate_in, rate_hidden, rate_out = dropout_rates(model_config)
+  locked = model_config.locked_dropout
   zeros = cell.initial_carry(tokens.shape[0], model_config.hidden_size)
   carries = [(zeros, zeros) if bidirectional else zeros] * model_config.num_layers
-  x = layers.dropout(params["embed"][tokens], model_config.dropout, k_in)
-  _, ys = layers.run_stack(cell, params["layers"], carries, x, dropout_rate=model_config.dropout,
+  x = embed(params, tokens, model_config, params["embed"].shape[0], k_embed)
+  x = layers.dropout(x, rate_in, k_in, locked)
+  _, ys = layers.run_stack(cell, params["layers"], carries, x, dropout_rate=rate_hidden,
                            rng=k_stack, unroll=model_config.unroll, impl=model_config.impl,
-                           bidirectional=bidirectional, lengths=lengths)
+                           bidirectional=bidirectional, lengths=lengths, locked=locked,
+                           weight_drop=model_config.weight_drop, weight_rng=k_weight)
   features = _pool(ys, lengths, model_config.pooling, bidirectional)
-  features = layers.dropout(features, model_config.dropout, k_out)
-  return _head(params, features, jnp.float32)  # float32, as the classifier always had
+  features = layers.dropout(features, rate_out, k_out)
+  return head(params, features)  # float32, as the classifier always had
 
 
 def num_params(params: Any) -> int:

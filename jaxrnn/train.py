@@ -24,6 +24,7 @@ from jaxrnn import tasks
 
 Config = Any  # ml_collections.ConfigDict
 TRAIN_FIELDS = ("loss", "grad_norm", "lr")  # train_step's metrics, in metrics.jsonl's order
+SHARED_KEY = 2**32 - 1  # folded into a step's key for its shared masks: past every row index
 
 
 @flax.struct.dataclass
@@ -35,20 +36,86 @@ class TrainState:
   rng: jax.Array
 
 
-def learning_rate(train_config: Config) -> optax.Schedule:
-  """Constant (optionally after a linear warmup), or linear warmup then cosine decay to 0."""
+def learning_rate(train_config: Config, steps_per_epoch: int = 1) -> optax.Schedule:
+  """The schedule (`train.schedule`), in optimizer steps:
+    constant  lr, after an optional linear warmup from 0;
+    cosine    linear warmup, then cosine decay to 0 at the last step;
+    step      lr * decay_factor ** max(0, epoch + 1 - decay_after), epoch = step // steps_per_epoch
+              counted from 0: Zaremba et al. 2014's `lr_decay ** max(i + 1 - max_epoch, 0)`.
+  """
   c = train_config
   if c.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup_steps,
                                               max(c.steps, c.warmup_steps + 1))
+  if c.schedule == "step":
+    def step_decay(step):
+      decays = jnp.maximum(0, step // steps_per_epoch + 1 - c.decay_after)
+      return c.lr * jnp.power(jnp.float32(c.decay_factor), decays)
+    return step_decay
   if c.warmup_steps:
     return optax.linear_schedule(0.0, c.lr, c.warmup_steps)
   return optax.constant_schedule(c.lr)
 
 
-def make_optimizer(train_config: Config) -> optax.GradientTransformation:
-  """Global-norm clipping first, then adam / adamw / sgd (`config.OPTIMIZERS`) on the schedule."""
-  lr = learning_rate(train_config)
+@flax.struct.dataclass
+class AveragedState:
+  """The optimizer state of `averaged`: the inner state and the running mean of the iterates.
+
+  count: -1 before averaging starts (`start_averaging`), then the number of iterates in `mean`.
+  """
+  inner: Any
+  count: jax.Array
+  mean: Any
+
+
+def averaged(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner`, keeping the mean of the parameters after each update once `start_averaging` has
+  started it: the averaged SGD of Polyak & Juditsky 1992 as NT-ASGD uses it (torch.optim.ASGD
+  with lambd=0, t0 at the trigger). The updates are `inner`'s, unchanged."""
+  def init(params):
+    return AveragedState(inner.init(params), jnp.full((), -1, jnp.int32), params)
+
+  def update(grads, state, params):
+    updates, inner_state = inner.update(grads, state.inner, params)
+    new = optax.apply_updates(params, updates)
+    count = state.count + 1
+    mean = jax.tree.map(lambda m, p: jnp.where(count == 1, p, m + (p - m) / count), state.mean, new)
+    started = state.count >= 0
+    return updates, AveragedState(
+        inner_state, jnp.where(started, count, state.count),
+        jax.tree.map(lambda m, old: jnp.where(started, m, old), mean, state.mean))
+
+  return optax.GradientTransformation(init, update)
+
+
+def start_averaging(state: TrainState, devs: parallel.Devices | None = None) -> TrainState:
+  """The state with averaging started: the next update's parameters are the mean's first iterate.
+
+  `devs`: the devices a replicated state lives on (None: the state is not replicated).
+  """
+  zero = jnp.zeros((), jnp.int32)
+  return state.replace(opt_state=state.opt_state.replace(
+      count=zero if devs is None else parallel.replicate(zero, devs)))
+
+
+def nt_trigger(val_losses: list[float], loss: float, patience: int) -> bool:
+  """NT-ASGD's non-monotone trigger (Merity et al. 2018, `main.py`): `loss` is worse than the
+  best of the earlier validations `val_losses` other than the last `patience` of them."""
+  return len(val_losses) > patience and loss > min(val_losses[:-patience])
+
+
+def eval_params(state: TrainState) -> Any:
+  """The parameters to evaluate and report: the average once averaging has started."""
+  opt_state = state.opt_state
+  if isinstance(opt_state, AveragedState) and int(opt_state.count) > 0:
+    return opt_state.mean
+  return state.params
+
+
+def make_optimizer(train_config: Config, steps_per_epoch: int = 1) -> optax.GradientTransformation:
+  """Global-norm clipping first, then adam / adamw / sgd (`config.OPTIMIZERS`) on the schedule;
+  all of it `averaged` when `train.asgd_patience` > 0."""
+  lr = learning_rate(train_config, steps_per_epoch)
   optimizers = {
       "adam": lambda: optax.adam(lr),
       "adamw": lambda: optax.adamw(lr, weight_decay=train_config.weight_decay),
@@ -56,7 +123,8 @@ def make_optimizer(train_config: Config) -> optax.GradientTransformation:
   }
   clip_norm = train_config.clip_norm
   clip = optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity()
-  return optax.chain(clip, optimizers[train_config.optimizer]())
+  tx = optax.chain(clip, optimizers[train_config.optimizer]())
+  return averaged(tx) if train_config.asgd_patience > 0 else tx
 
 
 def create_train_state(config: Config, vocab_size: int,
@@ -69,7 +137,7 @@ def create_train_state(config: Config, vocab_size: int,
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, config: Config,
-               tx: optax.GradientTransformation,
+               tx: optax.GradientTransformation, steps_per_epoch: int = 1,
                across_devices: bool = False) -> tuple[TrainState, Any, dict[str, jax.Array]]:
   """One optimizer step on a batch of the config's task; the carry enters as a constant.
 
@@ -78,12 +146,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
   token or sentence), gradient global norm before clipping, learning rate, and whether the
   updated parameters are all finite (the NaN guard's second half). Under
   `parallel.pmap` with `across_devices`, gradients and loss are averaged over devices, and
-  each row's dropout key comes from its global row index, so any device count gives the same step.
+  each row's dropout key comes from its global row index and the batch's shared masks from
+  one key, so any device count gives the same step.
   """
   rows = batch["inputs"].shape[0]
   first_row = parallel.row_offset(rows) if across_devices else 0
   step_rng = jax.random.fold_in(state.rng, state.step)
-  rng = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(first_row + jnp.arange(rows))
+  rng = model.Rngs(
+      rows=jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(first_row + jnp.arange(rows)),
+      shared=jax.random.fold_in(step_rng, SHARED_KEY))
 
   def loss_fn(params):
     return tasks.get(config.task).loss(params, carry, batch, config.model, rng)
@@ -95,7 +166,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
   params = optax.apply_updates(state.params, updates)
   params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
   step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                  "lr": learning_rate(config.train)(state.step), "params_finite": params_finite}
+                  "lr": learning_rate(config.train, steps_per_epoch)(state.step), "params_finite": params_finite}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, new_carry, step_metrics
 
@@ -169,6 +240,24 @@ class _Speed:
     return rate
 
 
+def _average_when_due(state: TrainState, evals: dict[str, dict[str, Any]], val_losses: list[float],
+                      train_config: Config, log: metrics.Log, devs: parallel.Devices) -> TrainState:
+  """NT-ASGD: records a validation loss (in `val_losses`, saved with each checkpoint) while
+  averaging has not started, and starts it when `nt_trigger` says so."""
+  if train_config.asgd_patience == 0 or "val" not in evals:
+    return state
+  if int(parallel.unreplicate(state.opt_state.count)) >= 0:
+    return state
+  loss = evals["val"]["loss"]
+  if nt_trigger(val_losses, loss, train_config.asgd_patience):
+    log.note(f"validation loss {loss:.4f} is worse than {min(val_losses):.4f}, the best before "
+             f"the last {train_config.asgd_patience} validations: averaging the iterates from "
+             f"step {int(parallel.unreplicate(state.step))} on (NT-ASGD)")
+    state = start_averaging(state, devs)
+  val_losses.append(loss)
+  return state
+
+
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   """Trains per `config` (resuming from `workdir`'s latest checkpoint), logging to metrics.jsonl.
 
@@ -188,17 +277,20 @@ def _train(config: Config, workdir: pathlib.Path) -> dict[str, Any]:
   task = tasks.get(config.task)
   devs = parallel.devices(config.train.devices)
   parallel.check_divisible(config.data.batch_size, devs, "data.batch_size")
-  evaluate = task.make_evaluator(config, devs)
   vocab, splits = task.prepare_data(config)
-  tx = make_optimizer(config.train)
+  epoch = task.train_batches(splits["train"], config, 0).batches_per_epoch
+  config = config_lib.in_steps(config, epoch)
+  evaluate = task.make_evaluator(config, devs)
+  tx = make_optimizer(config.train, epoch)
   zeros = task.initial_carry(config.model, config.data.batch_size)
   mngr = checkpoint.manager(workdir, config.train.keep)
-  state, carry, position = checkpoint.resume(mngr, create_train_state(config, len(vocab), tx),
-                                             zeros, config, vocab)
+  state, carry, position, val_losses = checkpoint.resume(
+      mngr, create_train_state(config, len(vocab), tx), zeros, config, vocab)
   if devs.is_main:
     provenance.write_run_files(workdir, config, vocab, devs)
   local = lambda rows: parallel.shard(parallel.process_rows(rows, devs), devs)  # our lanes
-  step_fn = parallel.pmap(functools.partial(train_step, config=config, tx=tx, across_devices=True),
+  step_fn = parallel.pmap(functools.partial(train_step, config=config, tx=tx,
+                                            steps_per_epoch=epoch, across_devices=True),
                           devs, donate_argnums=(0,))
   batches = task.train_batches(splits["train"], config, position)
   first, params_count = int(state.step) + 1, model.num_params(state.params)
@@ -235,18 +327,19 @@ def _train(config: Config, workdir: pathlib.Path) -> dict[str, Any]:
         log.write({"step": step, "split": "train", **{k: step_metrics[k] for k in TRAIN_FIELDS},
                    "tokens_per_s": speed.rate(step)})
       if when.evaluate:
-        evals = evaluate_splits(log, step, parallel.unreplicate(state.params),
+        evals = evaluate_splits(log, step, eval_params(parallel.unreplicate(state)),
                                 task.FINAL_SPLITS if step == config.train.steps else ("val",))
+        state = _average_when_due(state, evals, val_losses, config.train, log, devs)
       if when.save:
         val_loss = evals["val"]["loss"] if when.evaluate and "val" in evals else None
         checkpoint.save(mngr, parallel.unreplicate(state),
                         parallel.all_rows(parallel.unshard(carry), devs), batches.position, config,
-                        vocab, val_loss=val_loss)
+                        vocab, val_loss=val_loss, val_losses=val_losses)
       if preempted:
         return {"step": step, "preempted": True}
       speed.resume()
     if not evals:  # the workdir's run had already finished: report it again, logged once
-      evals = evaluate_splits(None, first - 1, parallel.unreplicate(state.params),
+      evals = evaluate_splits(None, first - 1, eval_params(parallel.unreplicate(state)),
                               task.FINAL_SPLITS)
 
   result = {"step": int(parallel.unreplicate(state.step)), "params": params_count,

@@ -108,4 +108,4 @@ def nan_updates(monkeypatch) -> Callable[[], None]:
   import jax.numpy as jnp
   from jaxrnn import train
   return lambda: monkeypatch.setattr(train, "learning_rate",
-                                     lambda train_config: lambda step: jnp.nan)
+                                     lambda train_config, steps_per_epoch=1: lambda step: jnp.nan)

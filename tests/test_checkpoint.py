@@ -49,6 +49,29 @@ def test_resume_is_bitwise_identical(ckpt_config, tmp_path):
   assert [s for s, _ in train_losses(resumed)] == list(range(1, 21))
 
 
+def test_resume_with_averaging_and_weight_drop_is_bitwise_identical(tiny_config, tmp_path):
+  """NT-ASGD (its history and running mean) and weight drop resume bit for bit: 14 + 16 steps
+  == 30 straight, averaging having started before the stop."""
+  def config(steps):
+    return tiny_config(model={"num_layers": 2, "dropout": 0.1, "weight_drop": 0.3,
+                              "embed_dropout": 0.1, "locked_dropout": True},
+                       train={"steps": steps, "eval_every": 2, "ckpt_every": 2, "lr": 0.2,
+                              "asgd_patience": 1})
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.train_and_evaluate(config(30), str(straight))
+  train.train_and_evaluate(config(14), str(resumed))
+  mngr = checkpoint.manager(resumed)
+  vocab, _ = lm.prepare_data(config(14))
+  template = train.create_train_state(config(14), len(vocab), train.make_optimizer(config(14).train))
+  state, *_ = checkpoint.restore(mngr, template, model.initial_carry(config(14).model, 4))
+  assert int(state.opt_state.count) > 0  # averaging had started before the stop
+  train.train_and_evaluate(config(30), str(resumed))
+  *_, params_a, _ = checkpoint.load_run(str(straight))
+  *_, params_b, _ = checkpoint.load_run(str(resumed))
+  assert_trees_equal(params_a, params_b)
+  assert train_losses(straight) == train_losses(resumed)
+
+
 def test_restored_iterator_and_carry_continue_the_stream(ckpt_config, tmp_path):
   """What a checkpoint restores (carry, data position) continues the interrupted stream exactly."""
   config = ckpt_config(7)

@@ -46,6 +46,20 @@ from jaxrnn import UserError, cells, config as config_lib, train
     ({"train": {"eval_every": -5}}, "train.eval_every must be >= 0 \\(0: only at the end\\)"),
     ({"train": {"weight_decay": -0.1}}, "train.weight_decay must be a finite number >= 0"),
     ({"data": {"val_frac": 0.0}}, "data.val_frac is 0, which leaves no validation split"),
+    ({"model": {"dropout_in": 1.0}}, "model.dropout_in must be in \\[0, 1\\) .*or None"),
+    ({"model": {"embed_dropout": -0.1}}, "model.embed_dropout must be in \\[0, 1\\)"),
+    ({"model": {"weight_drop": 1.0}}, "model.weight_drop must be in \\[0, 1\\)"),
+    ({"model": {"cell": "mingru", "weight_drop": 0.5}},
+     "model.weight_drop needs a cell with one recurrent matrix \\(rnn, gru, lstm\\), not 'mingru'"),
+    ({"model": {"tie_embedding": True}}, "model.tie_embedding makes the last layer model.embed_dim=8"
+                                         " wide, but the one layer is model.hidden_size=16"),
+    ({"model": {"one_hot": True, "tie_embedding": True}}, "act on the embedding: set model.one_hot"),
+    ({"model": {"init_scale": -0.1}}, "model.init_scale must be a finite number >= 0.0"),
+    ({"model": {"ar": float("inf")}}, "model.ar must be a finite number >= 0.0"),
+    ({"train": {"unit": "hours"}}, "train.unit must be one of steps, epochs, got 'hours'"),
+    ({"train": {"schedule": "step", "decay_factor": 1.5}}, "train.decay_factor must be in \\(0, 1\\]"),
+    ({"train": {"schedule": "step", "warmup_steps": 10}}, "train.schedule=step has no warmup"),
+    ({"train": {"asgd_patience": -1}}, "train.asgd_patience must be >= 0 \\(0 turns NT-ASGD off\\)"),
 ])
 def test_lm_field_errors_name_the_field_and_valid_values(tiny_config, sections, message):
   """Each bad LM field is a UserError naming the field and what it may be."""
@@ -60,6 +74,8 @@ def test_lm_field_errors_name_the_field_and_valid_values(tiny_config, sections, 
     ({"model": {"pooling": "max"}}, "model.pooling must be one of last, mean, got 'max'"),
     ({"data": {"max_vocab": 2}}, "data.max_vocab must be 0 \\(no cap\\) or >= 3, got 2"),
     ({"data": {"corpus": "tinyshakespeare"}}, "labelled sentence corpus \\(rt-polarity\\)"),
+    ({"model": {"tie_embedding": True}}, "model.tie_embedding belongs to the language model"),
+    ({"model": {"tar": 1.0}}, "model.tar belongs to the language model"),
 ])
 def test_classify_field_errors_name_the_field(tiny_classify_config, sections, message):
   """The classifier's own fields are checked against the corpus' classes."""
@@ -84,8 +100,10 @@ def test_unknown_field_is_named(tiny_config):
 
 def test_the_shipped_configs_are_valid():
   """Every config in configs/ passes validation as written."""
-  from configs import classify_rt, gru, lstm, rnn, shakespeare_cpu, shakespeare_gpu
-  for module in (default, classify_rt, gru, lstm, rnn, shakespeare_cpu, shakespeare_gpu):
+  from configs import (classify_rt, gru, lstm, ptb_awd, ptb_large, ptb_medium, ptb_small, rnn,
+                       shakespeare_cpu, shakespeare_gpu)
+  for module in (default, classify_rt, gru, lstm, ptb_awd, ptb_large, ptb_medium, ptb_small, rnn,
+                 shakespeare_cpu, shakespeare_gpu):
     config_lib.validate(module.get_config())
 
 

@@ -365,3 +365,48 @@ def test_bidirectional_stack_feeds_both_directions_up():
   _, got = layers.run_stack(cell, layer_params, [(zeros, zeros)] * 2, xs, bidirectional=True,
                             lengths=lengths)
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_locked_dropout_is_constant_across_time_and_differs_across_lanes():
+  """A locked mask zeroes the same units at every step of a lane; lanes draw their own masks."""
+  rate, b, t, d = 0.5, 6, 12, 40
+  x = jnp.ones((b, t, d))
+  y = np.asarray(layers.dropout(x, rate, jax.random.key(3), locked=True))
+  np.testing.assert_array_equal(y, np.broadcast_to(y[:, :1], y.shape))  # the same at every step
+  assert set(np.unique(y)) == {0.0, 1.0 / (1.0 - rate)}
+  masks = y[:, 0] != 0.0  # [b, d]
+  assert all((masks[i] != masks[j]).any() for i in range(b) for j in range(i))
+  per_row = layers.dropout(x[:2], rate, layers.row_keys(jax.random.key(3), b)[:2], locked=True)
+  np.testing.assert_array_equal(per_row, y[:2])  # a lane's mask is its own key's, as on devices
+
+
+def _masked_stack(cell, layer_params, rate, rng):
+  """Each layer's W_hh times an independent draw of the mask drop_weight documents."""
+  out = []
+  for i, params in enumerate(layer_params):
+    w = params[cell.recurrent_weight]
+    keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - rate, w.shape)
+    out.append({**params, cell.recurrent_weight: jnp.where(keep, w / (1.0 - rate), 0.0)})
+  return out
+
+
+@pytest.mark.parametrize("impl", ["scan", "fused", "auto"])
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_weight_drop_masks_w_hh_alone_with_one_mask_for_every_step(name, impl):
+  """weight_drop changes W_hh's entries only (to 0 or w / (1 - p)), and the stack then runs
+  exactly as one with that masked matrix at every time step, under every impl."""
+  cell, layer_params, carries, xs = _stack_setup(name, seed=11)
+  rng, rate = jax.random.key(12), 0.4
+  dropped = layers.drop_weight(cell, layer_params[0], rate, rng)
+  for key, value in layer_params[0].items():
+    if key != cell.recurrent_weight:
+      np.testing.assert_array_equal(dropped[key], value)
+  w, got = np.asarray(layer_params[0][cell.recurrent_weight]), np.asarray(dropped[cell.recurrent_weight])
+  zeroed = got == 0.0
+  assert 0 < zeroed.mean() < 1
+  np.testing.assert_allclose(got[~zeroed], w[~zeroed] / (1.0 - rate), rtol=1e-6)
+  run = functools.partial(layers.run_stack, cell, carries=carries, xs=xs, impl=impl)
+  got = run(layer_params, weight_drop=rate, weight_rng=rng)
+  expected = run(_masked_stack(cell, layer_params, rate, rng))
+  _assert_trees_close(got, expected, rtol=0, atol=0)
+  _assert_trees_close(run(layer_params, weight_drop=rate), run(layer_params), rtol=0, atol=0)

@@ -29,6 +29,12 @@ def _jit_apply(config):
   return jax.jit(functools.partial(model.apply, model_config=config), static_argnames="train")
 
 
+def _rngs(seed):
+  """A training step's keys: per-row keys split from one key, and a shared key."""
+  key = jax.random.key(seed)
+  return model.Rngs(rows=key, shared=jax.random.fold_in(key, 1))
+
+
 def _tokens(seed=0, b=B, t=T):
   return jnp.asarray(np.random.default_rng(seed).integers(0, V, size=(b, t)), jnp.int32)
 
@@ -72,7 +78,7 @@ def test_eval_ignores_rng():
   carry0 = model.initial_carry(config, B)
   tokens = _tokens(2)
   _, without_rng = model.apply(params, carry0, tokens, model_config=config)
-  _, with_rng = model.apply(params, carry0, tokens, model_config=config, rng=jax.random.key(3))
+  _, with_rng = model.apply(params, carry0, tokens, model_config=config, rng=_rngs(3))
   np.testing.assert_array_equal(with_rng, without_rng)
 
 
@@ -89,11 +95,11 @@ def test_train_dropout_changes_logits_per_rng():
     return np.asarray(apply(params, carry0, tokens, **kwargs)[1])
 
   eval_logits = logits()
-  first = logits(train=True, rng=jax.random.key(5))
-  second = logits(train=True, rng=jax.random.key(6))
+  first = logits(train=True, rng=_rngs(5))
+  second = logits(train=True, rng=_rngs(6))
   assert not np.allclose(first, eval_logits, atol=1e-4)
   assert not np.allclose(first, second, atol=1e-4)
-  np.testing.assert_array_equal(logits(train=True, rng=jax.random.key(5)), first)
+  np.testing.assert_array_equal(logits(train=True, rng=_rngs(5)), first)
 
 
 @pytest.mark.parametrize("name", CELLS + ["mingru", "minlstm"])
@@ -201,3 +207,90 @@ def test_embed_scale_scales_only_the_embedding():
   np.testing.assert_allclose(scaled["embed"], 0.1 * base["embed"], rtol=1e-6)
   jax.tree.map(np.testing.assert_array_equal, scaled["layers"], base["layers"])
   np.testing.assert_array_equal(scaled["head"]["w"], base["head"]["w"])
+
+
+def test_embedding_dropout_zeroes_whole_words_and_rescales_the_rest():
+  """Every occurrence of a dropped word embeds to zeros; kept words to their row / (1 - p)."""
+  config, rate = _config(embed_dropout=0.5), 0.5
+  params = model.init(jax.random.key(0), config, V)
+  tokens = jnp.tile(jnp.arange(V), (4, 3))  # every word, 12 times
+  x = np.asarray(model.embed(params, tokens, config, V, jax.random.key(1)))
+  embed = np.asarray(params["embed"])
+  dropped = set()
+  for (row, col), word in np.ndenumerate(np.asarray(tokens)):
+    if not x[row, col].any():
+      dropped.add(int(word))
+    else:
+      np.testing.assert_allclose(x[row, col], embed[word] / (1.0 - rate), rtol=1e-6)
+  assert 0 < len(dropped) < V
+  for word in dropped:  # all of its occurrences, not just some
+    assert not x[np.asarray(tokens) == word].any()
+  np.testing.assert_array_equal(model.embed(params, tokens, config, V, None), embed[tokens])
+
+
+def test_tied_head_is_the_embedding_with_gradients_from_both_uses():
+  """With tie_embedding the head has no weight of its own: logits read embed^T, and the
+  embedding's gradient is the untied model's embedding gradient plus its head gradient^T."""
+  config = _config(tie_embedding=True, hidden_size=H, embed_dim=H)
+  params = model.init(jax.random.key(0), config, V)
+  assert set(params["head"]) == {"b"}
+  untied = {**params, "head": {**params["head"], "w": params["embed"].T}}
+  tokens, targets = _tokens(1), _tokens(2)
+  carry0 = model.initial_carry(config, B)
+
+  def loss(p, cfg):
+    logits = model.apply(p, carry0, tokens, model_config=cfg)[1]
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).mean()
+
+  untied_config = _config(hidden_size=H, embed_dim=H)
+  np.testing.assert_allclose(loss(params, config), loss(untied, untied_config), rtol=1e-6)
+  g_tied = jax.grad(loss)(params, config)
+  g_untied = jax.grad(loss)(untied, untied_config)
+  np.testing.assert_allclose(g_tied["embed"], g_untied["embed"] + g_untied["head"]["w"].T,
+                             rtol=1e-5, atol=1e-7)
+  assert model.num_params(params) == model.num_params(untied) - H * V
+
+
+def test_tying_makes_the_last_layer_as_wide_as_the_embedding():
+  """AWD-LSTM's shape: hidden_size 20 for the first layers, embed_dim 6 for the last."""
+  config = _config(tie_embedding=True, num_layers=3, hidden_size=20, embed_dim=6)
+  assert model.layer_sizes(config) == [20, 20, 6]
+  params = model.init(jax.random.key(0), config, V)
+  carry, logits = model.apply(params, model.initial_carry(config, B), _tokens(), model_config=config)
+  assert [c[0].shape for c in carry] == [(B, 20), (B, 20), (B, 6)]
+  assert logits.shape == (B, T, V)
+
+
+def test_uniform_init_draws_every_parameter_from_its_range():
+  """init_scale s: every parameter in [-s, s] and spread over it (its std about s / sqrt(3))."""
+  config = _config(init_scale=0.05)
+  params = model.init(jax.random.key(0), config, V)
+  for leaf in jax.tree.leaves(params):
+    assert np.abs(leaf).max() <= 0.05
+  values = np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])
+  assert abs(values.std() - 0.05 / np.sqrt(3)) < 0.002
+
+
+def _old_apply(params, carry, tokens, config, rng):
+  """jaxrnn's LM before the regularizers (af64bc1): embedding, dropout, stack, dropout, head."""
+  from jaxrnn import cells, layers
+  cell = cells.from_config(config)
+  k_in, k_stack, k_out = layers.split_rows(rng, 3, tokens.shape[0])
+  x = layers.dropout(params["embed"][tokens], config.dropout, k_in)
+  carry, y = layers.run_stack(cell, params["layers"], carry, x, dropout_rate=config.dropout,
+                              rng=k_stack, impl=config.impl)
+  y = layers.dropout(y, config.dropout, k_out)
+  return carry, cells.matmul(y, params["head"]["w"]) + params["head"]["b"]
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_with_the_new_fields_off_training_logits_are_the_old_ones_bit_for_bit(name):
+  """Every new regularizer at its default: the same logits and carries as before, to the bit."""
+  config = _config(name, dropout=0.3)
+  params = model.init(jax.random.key(0), config, V)
+  carry0, tokens, rngs = model.initial_carry(config, B), _tokens(5), _rngs(6)
+  got = jax.jit(lambda p: model.apply(p, carry0, tokens, model_config=config, train=True,
+                                      rng=rngs))(params)
+  expected = jax.jit(lambda p: _old_apply(p, carry0, tokens, config, rngs.rows))(params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(a, b)

@@ -68,6 +68,27 @@ def test_four_device_checkpoint_resumes_on_two(tiny_flags, four_and_one, tmp_pat
   np.testing.assert_allclose(losses(workdir), losses(four_and_one[4]), rtol=1e-5)
 
 
+def test_every_regularizer_on_gives_the_same_run_on_four_devices_and_one(tiny_flags, tmp_path):
+  """Locked and per-position dropout, embedding dropout, weight drop, tying, AR / TAR, uniform
+  init, the step schedule and NT-ASGD together: 4 devices train as 1 (1e-5), since row masks
+  come from global row indices and the shared masks from one key on every device."""
+  regularized = {"model": {"num_layers": 2, "hidden_size": 8, "dropout": 0.1, "dropout_in": 0.2,
+                           "locked_dropout": True, "embed_dropout": 0.1, "weight_drop": 0.3,
+                           "tie_embedding": True, "ar": 2.0, "tar": 1.0, "init_scale": 0.1},
+                 "data": {"batch_size": 8},
+                 "train": {"steps": 12, "eval_every": 2, "ckpt_every": 6, "eval_lanes": 4,
+                           "optimizer": "sgd", "lr": 2.0, "schedule": "step", "decay_after": 1,
+                           "asgd_patience": 1}}
+  for n in (4, 1):
+    proc = run_script("train.py", *tiny_flags(tmp_path / str(n), **regularized), devices=n)
+    assert proc.returncode == 0, proc.stderr
+  np.testing.assert_allclose(losses(tmp_path / "4"), losses(tmp_path / "1"), rtol=1e-5)
+  *_, params4, _ = checkpoint.load_run(str(tmp_path / "4"))
+  *_, params1, _ = checkpoint.load_run(str(tmp_path / "1"))
+  for a, b in zip(jax.tree.leaves(params4), jax.tree.leaves(params1), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_indivisible_batch_is_refused_with_nearest_sizes(tiny_flags, tmp_path):
   """Batch 6 on 4 devices: exit 2 before compiling, suggesting 4 or 8."""
   proc = run_script("train.py", *train_flags(tiny_flags, tmp_path / "run", 5, batch_size=6),

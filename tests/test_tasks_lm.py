@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
 from jaxrnn import data, model, train
 from jaxrnn.tasks import lm
 
@@ -123,3 +124,35 @@ def test_a_loss_past_exps_range_is_an_infinite_perplexity(tiny_config):
                     "b": jnp.zeros(len(vocab)).at[vocab.unk_id].set(1000.0)}
   result = lm.make_evaluator(config)(params, ids["val"])
   assert result["loss"] == pytest.approx(1000.0, rel=1e-3) and result["perplexity"] == np.inf
+
+
+def test_ar_and_tar_add_the_penalties_computed_by_hand():
+  """AR = ar * mean(dropped^2), TAR = tar * mean((y[t+1] - y[t])^2), as a float64 NumPy sum."""
+  rng = np.random.default_rng(0)
+  ys, dropped = rng.normal(size=(3, 7, 5)), rng.normal(size=(3, 7, 5))
+  config = default.get_config().model
+  config.update(ar=2.0, tar=1.0)
+  expected = 2.0 * np.mean(dropped ** 2) + 1.0 * np.mean(np.diff(ys, axis=1) ** 2)
+  got = lm.penalties(jnp.asarray(ys, jnp.float32), jnp.asarray(dropped, jnp.float32), config)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  config.update(ar=0.0, tar=0.0)
+  assert lm.penalties(ys, dropped, config) == 0.0
+
+
+def test_the_loss_is_the_mean_nll_plus_the_penalties(tiny_config):
+  """With AR / TAR on, lm.loss is the cross-entropy plus exactly `penalties` of the last layer's
+  outputs; with them off it is the cross-entropy alone, to the bit."""
+  config = tiny_config(model={"dropout": 0.2, "ar": 2.0, "tar": 1.0})
+  vocab, ids = lm.prepare_data(config)
+  params = model.init(jax.random.key(0), config.model, len(vocab))
+  carry = model.initial_carry(config.model, config.data.batch_size)
+  _, batch = next(lm.train_batches(ids["train"], config, 0))
+  rngs = model.Rngs(rows=jax.random.key(1), shared=jax.random.key(2))
+  _, ys, dropped = model.outputs(params, carry, batch["inputs"], model_config=config.model,
+                                 train=True, rng=rngs)
+  nll = lm.nll(model.head(params, dropped), batch["targets"]).mean()
+  got, _ = lm.loss(params, carry, batch, config.model, rngs)
+  np.testing.assert_allclose(got, nll + lm.penalties(ys, dropped, config.model), rtol=1e-6)
+  assert got > nll
+  config.model.update(ar=0.0, tar=0.0)
+  np.testing.assert_array_equal(lm.loss(params, carry, batch, config.model, rngs)[0], nll)

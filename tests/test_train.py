@@ -72,6 +72,102 @@ def test_cosine_schedule_warms_up_and_decays():
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-8)
 
 
+def test_step_schedule_is_zarembas_by_hand():
+  """Zaremba et al.'s small recipe: lr 1 for epochs 0-3, then halved each epoch (epoch of
+  step s = s // steps_per_epoch); the medium one divides by 1.2 after epoch 5."""
+  config = default.get_config().train
+  config.update(schedule="step", lr=1.0, decay_factor=0.5, decay_after=4)
+  schedule = train.learning_rate(config, steps_per_epoch=100)
+  by_hand = {0: 1.0, 399: 1.0, 400: 0.5, 499: 0.5, 500: 0.25, 1299: 0.5 ** 9}
+  for step, lr in by_hand.items():
+    assert float(schedule(step)) == pytest.approx(lr, rel=1e-6), step
+  config.update(decay_factor=1 / 1.2, decay_after=6)
+  schedule = train.learning_rate(config, steps_per_epoch=7)
+  assert float(schedule(7 * 6 - 1)) == 1.0
+  assert float(schedule(7 * 38)) == pytest.approx(1.2 ** -33, rel=1e-5)  # the 39th epoch
+
+
+def test_epochs_as_the_unit_convert_to_steps():
+  """train.unit=epochs: steps, warmup, evaluation and checkpoint periods times the epoch length."""
+  from jaxrnn import config as config_lib
+  config = default.get_config()
+  config.train.update(unit="epochs", steps=13, eval_every=1, ckpt_every=2, log_every=10)
+  converted = config_lib.in_steps(config, 464)
+  assert (converted.train.steps, converted.train.eval_every, converted.train.ckpt_every,
+          converted.train.log_every, converted.train.unit) == (13 * 464, 464, 928, 10, "steps")
+  assert config.train.steps == 13  # the given config is left alone
+  config.train.unit = "steps"
+  assert config_lib.in_steps(config, 464) is config
+
+
+def test_nt_trigger_is_awd_lstms_non_monotone_condition():
+  """Worse than the best validation before the last n: AWD-LSTM's `val_loss >
+  min(best_val_loss[:-nonmono])`, checked only once more than n validations are in."""
+  history = [5.0, 4.0, 3.0, 3.1, 3.2]
+  assert not train.nt_trigger(history[:2], 4.5, 2)  # only two earlier validations
+  assert train.nt_trigger(history[:3], 5.5, 2)  # 5.5 > min([5.0])
+  assert not train.nt_trigger(history[:3], 4.5, 2)  # 4.5 < min([5.0])
+  assert train.nt_trigger(history, 3.05, 2)  # 3.05 > min([5.0, 4.0, 3.0])
+  assert not train.nt_trigger(history, 3.0, 2)  # not worse
+  assert not train.nt_trigger(history, 2.9, 2)
+
+
+def test_averaged_parameters_are_the_mean_of_the_iterates_since_the_trigger(tiny_config):
+  """asgd_patience > 0: nothing is averaged before start_averaging; after it, the mean
+  equals the mean of the parameters after each later update (float64 NumPy), and it is what
+  eval_params reports."""
+  config = tiny_config(model={"dropout": 0.1, "weight_drop": 0.3},
+                       train={"optimizer": "sgd", "lr": 1.0, "asgd_patience": 1})
+  vocab, ids = lm.prepare_data(config)
+  tx = train.make_optimizer(config.train)
+  state = train.create_train_state(config, len(vocab), tx)
+  carry = model.initial_carry(config.model, config.data.batch_size)
+  step = jax.jit(lambda s, b, c: train.train_step(s, b, c, config=config, tx=tx))
+  batches = lm.train_batches(ids["train"], config, 0)
+  for _ in range(3):
+    state, carry, _ = step(state, next(batches)[1], carry)
+  assert int(state.opt_state.count) == -1
+  assert train.eval_params(state) is state.params
+  state, iterates = train.start_averaging(state), []
+  for _ in range(4):
+    state, carry, _ = step(state, next(batches)[1], carry)
+    iterates.append(jax.tree.map(lambda x: np.asarray(x, np.float64), state.params))
+  assert int(state.opt_state.count) == 4
+  mean = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *iterates)
+  for got, expected in zip(jax.tree.leaves(train.eval_params(state)), jax.tree.leaves(mean),
+                           strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(mean)[0])
+
+
+def test_nt_asgd_starts_averaging_in_the_loop_when_validation_stalls(tiny_config, tmp_path,
+                                                                    monkeypatch, capsys):
+  """Validation losses 3, 2, 2.5, 3.5, ... (scripted) with patience 1: the 4th validation (step
+  20) is worse than min(3, 2), so averaging starts there; the last checkpoint then holds the
+  mean of the 20 iterates after it, and load_run returns that mean."""
+  scripted = iter([3.0, 2.0, 2.5, 3.5] + [1.0] * 10)
+  real = lm.make_evaluator
+
+  def make_evaluator(config, devs=None):
+    evaluate = real(config, devs)
+    return lambda params, ids: {**evaluate(params, ids), "loss": next(scripted)}
+
+  monkeypatch.setattr(lm, "make_evaluator", make_evaluator)
+  config = tiny_config(train={"steps": 40, "eval_every": 5, "ckpt_every": 40,
+                              "asgd_patience": 1})
+  train.train_and_evaluate(config, str(tmp_path))
+  assert "averaging the iterates from step 20 on (NT-ASGD)" in capsys.readouterr().err
+  mngr = checkpoint.manager(tmp_path)
+  vocab, _ = lm.prepare_data(config)
+  template = train.create_train_state(config, len(vocab), train.make_optimizer(config.train))
+  state, *_ = checkpoint.restore(mngr, template, model.initial_carry(config.model, 4))
+  assert int(state.opt_state.count) == 20
+  *_, params, _ = checkpoint.load_run(str(tmp_path))
+  for got, mean in zip(jax.tree.leaves(params), jax.tree.leaves(state.opt_state.mean), strict=True):
+    np.testing.assert_array_equal(got, mean)
+  assert not np.array_equal(jax.tree.leaves(params)[0], jax.tree.leaves(state.params)[0])
+
+
 def test_due_logs_evaluates_and_saves_on_their_periods_and_all_at_the_end():
   """log / evaluate / save every log_every / eval_every / ckpt_every steps (eval_every 0:
   never), all three at the last step, and a save whenever a stop was requested."""

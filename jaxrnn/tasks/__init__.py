@@ -8,7 +8,7 @@ A task module is the whole of its task, so a new task is one module and one line
   size(split) -> int              what an encoded split holds to learn from or evaluate
   init(key, model_config, vocab_size) -> params
   initial_carry(model_config, b) -> carry               the state carried across batches
-  loss(params, carry, batch, model_config, rng) -> (mean loss, carry)
+  loss(params, carry, batch, model_config, rng: model.Rngs) -> (mean loss, carry)
   train_batches(train_split, config, position)          iterator of (reset, batch), `.position`
   make_evaluator(config, devs=None) -> evaluate(params, split) -> {figure: value}
   summary(split, figures) -> {result key: value}        the final stdout JSON's keys

@@ -163,7 +163,7 @@ def predictions(logits: jax.Array) -> jax.Array:
 
 
 def loss(params: Any, carry: tuple[()], batch: dict[str, jax.Array], model_config: Config,
-         rng: jax.Array) -> tuple[jax.Array, tuple[()]]:
+         rng: model.Rngs) -> tuple[jax.Array, tuple[()]]:
   """(mean cross-entropy of batch {inputs, lengths, targets}, the (empty) carry unchanged)."""
   logits = model.apply_classifier(params, batch["inputs"], batch["lengths"],
                                   model_config=model_config, train=True, rng=rng)

@@ -11,10 +11,11 @@ import sys
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrnn import UserError, data, model, parallel
+from jaxrnn import UserError, cells, data, model, parallel
 
 Config = Any  # ml_collections.ConfigDict
 UNIT = "tokens"
@@ -57,12 +58,27 @@ def nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
+def penalties(ys: jax.Array, dropped: jax.Array, model_config: Config) -> jax.Array:
+  """AR + TAR (Merity et al. 2018) on the last layer's outputs ys, dropped<float>[b, t, h].
+
+  AR: `ar` times the mean square of the dropped outputs; TAR: `tar` times the mean square of
+  the raw outputs' change from one step to the next. 0 when both are 0.
+  """
+  total = 0.0
+  if model_config.ar:
+    total += model_config.ar * jnp.mean(dropped ** 2)
+  if model_config.tar:
+    total += model_config.tar * jnp.mean((ys[:, 1:] - ys[:, :-1]) ** 2)
+  return total
+
+
 def loss(params: Any, carry: Any, batch: dict[str, jax.Array], model_config: Config,
-         rng: jax.Array) -> tuple[jax.Array, Any]:
-  """(mean next-token loss of batch {inputs, targets}<int>[b, t], the final carry)."""
-  carry, logits = model.apply(params, carry, batch["inputs"], model_config=model_config,
-                              train=True, rng=rng)
-  return nll(logits, batch["targets"]).mean(), carry
+         rng: model.Rngs) -> tuple[jax.Array, Any]:
+  """(mean next-token loss of batch {inputs, targets}<int>[b, t] plus `penalties`, final carry)."""
+  carry, ys, dropped = model.outputs(params, carry, batch["inputs"], model_config=model_config,
+                                     train=True, rng=rng)
+  logits = model.head(params, dropped, cells.from_config(model_config).dtype)
+  return nll(logits, batch["targets"]).mean() + penalties(ys, dropped, model_config), carry
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], carry: Any, *,
