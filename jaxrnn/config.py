@@ -128,6 +128,10 @@ def validate(config: Config) -> None:
   if model_config.one_hot and (model_config.tie_embedding or model_config.embed_dropout > 0):
     raise UserError("model.tie_embedding and model.embed_dropout act on the embedding: set "
                     "model.one_hot=False")
+  if config.train.asgd_patience and not config.train.eval_every:
+    raise UserError("train.asgd_patience > 0 starts NT-ASGD from the validation losses, but "
+                    "train.eval_every=0 validates only at the end: set train.eval_every (e.g. "
+                    "one epoch)")
   if config.train.schedule == "step" and config.train.warmup_steps:
     raise UserError("train.schedule=step has no warmup: set train.warmup_steps=0, or use "
                     "schedule=constant or cosine")

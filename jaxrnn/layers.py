@@ -275,9 +275,9 @@ def drop_weight(cell: Cell, params: Params, rate: float, rng: jax.Array | None) 
   """
   if rng is None or rate == 0.0:
     return params
-  if cell.recurrent_weight not in params:
+  if set(params) == {"bwd", "fwd"}:
     return {d: drop_weight(cell, params[d], rate, jax.random.fold_in(rng, i))
-            for i, d in enumerate(sorted(params))}
+            for i, d in enumerate(("bwd", "fwd"))}
   w = params[cell.recurrent_weight]
   keep = jax.random.bernoulli(rng, 1.0 - rate, w.shape)
   return {**params, cell.recurrent_weight: jnp.where(keep, w / (1.0 - rate), 0.0)}

@@ -73,16 +73,18 @@ def averaged(inner: optax.GradientTransformation) -> optax.GradientTransformatio
   started it: the averaged SGD of Polyak & Juditsky 1992 as NT-ASGD uses it (torch.optim.ASGD
   with lambd=0, t0 at the trigger). The updates are `inner`'s, unchanged."""
   def init(params):
-    return AveragedState(inner.init(params), jnp.full((), -1, jnp.int32), params)
+    # A copy: the mean must not share buffers with the params a donating step hands back.
+    return AveragedState(inner.init(params), jnp.full((), -1, jnp.int32),
+                         jax.tree.map(jnp.copy, params))
 
   def update(grads, state, params):
     updates, inner_state = inner.update(grads, state.inner, params)
     new = optax.apply_updates(params, updates)
-    count = state.count + 1
+    count = jnp.maximum(state.count + 1, 1)  # 1 before averaging starts: no division by 0
     mean = jax.tree.map(lambda m, p: jnp.where(count == 1, p, m + (p - m) / count), state.mean, new)
     started = state.count >= 0
     return updates, AveragedState(
-        inner_state, jnp.where(started, count, state.count),
+        inner_state, jnp.where(started, state.count + 1, state.count),
         jax.tree.map(lambda m, old: jnp.where(started, m, old), mean, state.mean))
 
   return optax.GradientTransformation(init, update)
@@ -240,19 +242,23 @@ class _Speed:
     return rate
 
 
-def _average_when_due(state: TrainState, evals: dict[str, dict[str, Any]], val_losses: list[float],
-                      train_config: Config, log: metrics.Log, devs: parallel.Devices) -> TrainState:
-  """NT-ASGD: records a validation loss (in `val_losses`, saved with each checkpoint) while
-  averaging has not started, and starts it when `nt_trigger` says so."""
-  if train_config.asgd_patience == 0 or "val" not in evals:
+def _average_when_due(state: TrainState, step: int, evals: dict[str, dict[str, Any]],
+                      val_losses: list[float], train_config: Config, log: metrics.Log,
+                      devs: parallel.Devices) -> TrainState:
+  """NT-ASGD: records the validation loss of a step on the `eval_every` grid (in `val_losses`,
+  saved with each checkpoint) while averaging has not started, and starts it when
+  `nt_trigger` says so. The last step's off-grid evaluation is left out, so that extending
+  a finished run triggers as a straight run would."""
+  patience = train_config.asgd_patience
+  if patience == 0 or "val" not in evals or step % train_config.eval_every:
     return state
   if int(parallel.unreplicate(state.opt_state.count)) >= 0:
     return state
   loss = evals["val"]["loss"]
-  if nt_trigger(val_losses, loss, train_config.asgd_patience):
-    log.note(f"validation loss {loss:.4f} is worse than {min(val_losses):.4f}, the best before "
-             f"the last {train_config.asgd_patience} validations: averaging the iterates from "
-             f"step {int(parallel.unreplicate(state.step))} on (NT-ASGD)")
+  if nt_trigger(val_losses, loss, patience):
+    log.note(f"validation loss {loss:.4f} is worse than {min(val_losses[:-patience]):.4f}, the "
+             f"best before the last {patience} validations: averaging the iterates after step "
+             f"{step} (NT-ASGD)")
     state = start_averaging(state, devs)
   val_losses.append(loss)
   return state
@@ -329,7 +335,7 @@ def _train(config: Config, workdir: pathlib.Path) -> dict[str, Any]:
       if when.evaluate:
         evals = evaluate_splits(log, step, eval_params(parallel.unreplicate(state)),
                                 task.FINAL_SPLITS if step == config.train.steps else ("val",))
-        state = _average_when_due(state, evals, val_losses, config.train, log, devs)
+        state = _average_when_due(state, step, evals, val_losses, config.train, log, devs)
       if when.save:
         val_loss = evals["val"]["loss"] if when.evaluate and "val" in evals else None
         checkpoint.save(mngr, parallel.unreplicate(state),

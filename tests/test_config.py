@@ -60,6 +60,8 @@ from jaxrnn import UserError, cells, config as config_lib, train
     ({"train": {"schedule": "step", "decay_factor": 1.5}}, "train.decay_factor must be in \\(0, 1\\]"),
     ({"train": {"schedule": "step", "warmup_steps": 10}}, "train.schedule=step has no warmup"),
     ({"train": {"asgd_patience": -1}}, "train.asgd_patience must be >= 0 \\(0 turns NT-ASGD off\\)"),
+    ({"train": {"asgd_patience": 5}}, "train.asgd_patience > 0 starts NT-ASGD from the validation "
+                                      "losses, but train.eval_every=0"),
 ])
 def test_lm_field_errors_name_the_field_and_valid_values(tiny_config, sections, message):
   """Each bad LM field is a UserError naming the field and what it may be."""

@@ -9,7 +9,7 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from jaxrnn import UserError, cells, layers
+from jaxrnn import UserError, cells, kernels, layers
 
 CELLS = ["rnn", "gru", "lstm"]
 LINEAR = ["mingru", "minlstm"]  # cells with `log_linear`: run as a parallel scan
@@ -390,11 +390,14 @@ def _masked_stack(cell, layer_params, rate, rng):
   return out
 
 
-@pytest.mark.parametrize("impl", ["scan", "fused", "auto"])
+@pytest.mark.parametrize("impl", ["scan", "fused", "onednn"])
 @pytest.mark.parametrize("name", ["gru", "lstm"])
 def test_weight_drop_masks_w_hh_alone_with_one_mask_for_every_step(name, impl):
   """weight_drop changes W_hh's entries only (to 0 or w / (1 - p)), and the stack then runs
-  exactly as one with that masked matrix at every time step, under every impl."""
+  exactly as one with that masked matrix at every time step, under each impl (the oneDNN
+  kernel included, where it is built)."""
+  if impl == "onednn" and (why := kernels.unavailable("onednn")):
+    pytest.skip(f"the oneDNN kernel is not available here: {why}")
   cell, layer_params, carries, xs = _stack_setup(name, seed=11)
   rng, rate = jax.random.key(12), 0.4
   dropped = layers.drop_weight(cell, layer_params[0], rate, rng)

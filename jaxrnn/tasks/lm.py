@@ -58,11 +58,11 @@ def nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
-def penalties(ys: jax.Array, dropped: jax.Array, model_config: Config) -> jax.Array:
+def penalties(ys: jax.Array, dropped: jax.Array, model_config: Config) -> jax.Array | float:
   """AR + TAR (Merity et al. 2018) on the last layer's outputs ys, dropped<float>[b, t, h].
 
   AR: `ar` times the mean square of the dropped outputs; TAR: `tar` times the mean square of
-  the raw outputs' change from one step to the next. 0 when both are 0.
+  the raw outputs' change from one step to the next. The Python 0.0 when both are 0.
   """
   total = 0.0
   if model_config.ar:
