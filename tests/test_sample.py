@@ -1,4 +1,7 @@
-"""Tests for jaxrnn.sample: greedy decoding by hand, seeds, top-k and top-p filters."""
+"""Tests for jaxrnn.sample: greedy decoding by hand, seeds, top-k and top-p filters, beam search
+against an exhaustive search."""
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -86,3 +89,58 @@ def test_bad_arguments_are_user_errors(setup):
     sample.generate(params, config, jnp.array([], jnp.int32), 5)
   with pytest.raises(UserError, match="temperature >= 0"):
     sample.generate(params, config, jnp.array([1]), 5, temperature=-1.0)
+
+
+def exhaustive(params, config, prefix, length):
+  """(continuations<int>[V ** length, length], their log-probabilities given the prefix), from
+  one batched forward pass over every continuation."""
+  continuations = np.array(list(itertools.product(range(V), repeat=length)), np.int32)
+  tokens = np.concatenate([np.broadcast_to(prefix, (len(continuations), len(prefix))),
+                           continuations], axis=1)
+  _, logits = model.apply(params, model.initial_carry(config, len(tokens)), jnp.asarray(tokens[:, :-1]),
+                          model_config=config)
+  log_probs = np.asarray(jax.nn.log_softmax(logits[:, len(prefix) - 1:]), np.float64)
+  return continuations, np.take_along_axis(log_probs, continuations[..., None], -1)[..., 0].sum(1)
+
+
+def test_a_full_beam_finds_the_exhaustive_search_ranking(setup):
+  """A beam of V ** (length - 1) keeps every prefix until the last step, so its best sequences
+  and log-probabilities are the exhaustive search's top ones, in order."""
+  config, params = setup
+  prefix, length = np.array([3, 1, 4]), 3
+  continuations, log_probs = exhaustive(params, config, prefix, length)
+  order = np.argsort(-log_probs)[:V ** (length - 1)]
+  tokens, scores = sample.beam_search(params, config, jnp.asarray(prefix), length, V ** (length - 1))
+  np.testing.assert_array_equal(np.asarray(tokens)[:, 3:], continuations[order])
+  np.testing.assert_array_equal(np.asarray(tokens)[:, :3], np.broadcast_to(prefix, (len(order), 3)))
+  np.testing.assert_allclose(scores, log_probs[order], rtol=1e-5)
+
+
+def test_a_narrow_beam_reports_the_true_log_probabilities(setup):
+  """Whatever the width, each returned sequence's log-probability is its exhaustive one, best
+  first, and sequences are distinct."""
+  config, params = setup
+  prefix, length = np.array([2, 7]), 3
+  continuations, log_probs = exhaustive(params, config, prefix, length)
+  index = {tuple(c): i for i, c in enumerate(continuations.tolist())}
+  tokens, scores = sample.beam_search(params, config, jnp.asarray(prefix), length, 4)
+  found = [index[tuple(row)] for row in np.asarray(tokens)[:, 2:].tolist()]
+  assert len(set(found)) == 4 and list(scores) == sorted(scores, reverse=True)
+  np.testing.assert_allclose(scores, log_probs[found], rtol=1e-5)
+
+
+def test_beam_one_is_greedy_decoding(setup):
+  """beam 1 follows the argmax at every step: temperature 0's sequence."""
+  config, params = setup
+  prefix = jnp.array([5, 0, 8])
+  tokens, _ = sample.beam_search(params, config, prefix, 30, 1)
+  np.testing.assert_array_equal(tokens, sample.generate(params, config, prefix, 30, temperature=0.0))
+
+
+def test_bad_beams_are_user_errors(setup):
+  """A beam below 1, or wider than the continuations there are, is refused with the limit."""
+  config, params = setup
+  with pytest.raises(UserError, match="--beam >= 1"):
+    sample.beam_search(params, config, jnp.array([1]), 5, 0)
+  with pytest.raises(UserError, match=f"more than the {V * V} continuations.*at most {V * V}"):
+    sample.beam_search(params, config, jnp.array([1]), 2, V * V + 1)

@@ -134,7 +134,8 @@ def trained(tiny_flags, tmp_path_factory):
 @pytest.mark.parametrize("case", [
     "workdir is a file", "checkpoints is a file", "empty workdir", "unknown field",
     "negative batch", "too many eval lanes", "whitespace corpus", "eval step abc",
-    "sample step abc", "top_k past the vocabulary",
+    "sample step abc", "top_k past the vocabulary", "negative beam", "beam with temperature",
+    "beam past the continuations",
 ])
 def test_bad_input_is_one_line_error(case, tiny_flags, trained, tmp_path):
   """Each bad input: `error: ...` on stderr as one line naming what to change, exit 2, no
@@ -163,8 +164,16 @@ def test_bad_input_is_one_line_error(case, tiny_flags, trained, tmp_path):
   elif case in ("eval step abc", "sample step abc"):
     args = (case.split()[0] + ".py", f"--workdir={trained}", "--step=abc")
     expected = "--step must be a step number"
-  else:
+  elif case == "top_k past the vocabulary":
     args, expected = ("sample.py", f"--workdir={trained}", "--top_k=1000"), "more than the vocab"
+  elif case == "negative beam":
+    args, expected = ("sample.py", f"--workdir={trained}", "--beam=-2"), "--beam must be >= 1"
+  elif case == "beam with temperature":
+    args = ("sample.py", f"--workdir={trained}", "--beam=2", "--temperature=0.5")
+    expected = "--temperature shape random sampling"
+  else:
+    args = ("sample.py", f"--workdir={trained}", "--beam=1000", "--length=1")
+    expected = "continuations of --length 1"
   proc = run_script(*args)
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
@@ -177,3 +186,17 @@ def test_a_prefix_outside_the_vocabulary_is_named(trained):
   proc = run_script("sample.py", f"--workdir={trained}", "--prefix=the éß", "--length=5")
   assert proc.returncode == 0, proc.stderr
   assert "outside the run's vocabulary, read as <unk>: 'é', 'ß'" in proc.stderr
+
+
+def test_sample_beam_prints_the_best_sequences_and_their_log_probabilities(trained):
+  """sample.py --beam 3: three different texts of prefix + length on stdout, best first, their
+  log-probabilities (falling) on stderr."""
+  proc = run_script("sample.py", f"--workdir={trained}", "--prefix=the", "--length=12",
+                    "--beam=3")
+  assert proc.returncode == 0, proc.stderr
+  texts = proc.stdout.rstrip("\n").split("\n\n")
+  assert len(texts) == len(set(texts)) == 3
+  assert all(t.startswith("the") and len(t) == 3 + 12 for t in texts)
+  line = next(l for l in proc.stderr.splitlines() if l.startswith("log-probabilities"))
+  log_probs = [float(x) for x in line.split(": ")[1].split(", ")]
+  assert len(log_probs) == 3 and log_probs == sorted(log_probs, reverse=True) and log_probs[0] < 0
