@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.warmup_steps = 0  # linear warmup from 0 to lr
   config.train.weight_decay = 0.0  # adamw only
   config.train.clip_norm = 1.0  # global-norm gradient clipping; 0 turns it off
+  # Gradient accumulation: each step's batch runs as k micro-batches of batch_size / k lanes
+  # (per device), one after another, their mean gradient making one update (less memory)
+  config.train.accumulate = 1
   # NT-ASGD (Merity et al. 2018): 0 off; n > 0: once a validation loss is worse than the best
   # before the last n validations, average the iterates from then on; evaluate and save the mean
   config.train.asgd_patience = 0

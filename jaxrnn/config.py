@@ -78,6 +78,7 @@ RULES: dict[str, Rule] = {
     "train.warmup_steps": _at_least(0),
     "train.weight_decay": _finite_at_least(0.0),
     "train.clip_norm": (_finite_at_least(0.0)[0], "a finite number >= 0 (0 turns clipping off)"),
+    "train.accumulate": (_at_least(1)[0], ">= 1 (micro-batches per step; 1: none)"),
     "train.schedule": _one_of(SCHEDULES),
     "train.devices": (_at_least(0)[0], ">= 0 (0: all local devices)"),
     "train.log_every": _at_least(1),
@@ -132,6 +133,10 @@ def validate(config: Config) -> None:
     raise UserError("train.asgd_patience > 0 starts NT-ASGD from the validation losses, but "
                     "train.eval_every=0 validates only at the end: set train.eval_every (e.g. "
                     "one epoch)")
+  if data_config.batch_size % config.train.accumulate:
+    raise UserError(f"train.accumulate={config.train.accumulate} must divide data.batch_size="
+                    f"{data_config.batch_size} (each micro-batch takes an equal share of the "
+                    "lanes); choose a divisor")
   if config.train.schedule == "step" and config.train.warmup_steps:
     raise UserError("train.schedule=step has no warmup: set train.warmup_steps=0, or use "
                     "schedule=constant or cosine")

@@ -12,7 +12,7 @@ import functools
 import math
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -149,19 +149,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
   updated parameters are all finite (the NaN guard's second half). Under
   `parallel.pmap` with `across_devices`, gradients and loss are averaged over devices, and
   each row's dropout key comes from its global row index and the batch's shared masks from
-  one key, so any device count gives the same step.
+  one key, so any device count gives the same step. With `train.accumulate` = k > 1 the
+  batch runs as k micro-batches (`accumulate`), which changes the memory, not the step.
   """
   rows = batch["inputs"].shape[0]
   first_row = parallel.row_offset(rows) if across_devices else 0
   step_rng = jax.random.fold_in(state.rng, state.step)
-  rng = model.Rngs(
-      rows=jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(first_row + jnp.arange(rows)),
-      shared=jax.random.fold_in(step_rng, SHARED_KEY))
+  row_keys = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(first_row + jnp.arange(rows))
+  shared_key = jax.random.fold_in(step_rng, SHARED_KEY)
 
-  def loss_fn(params):
-    return tasks.get(config.task).loss(params, carry, batch, config.model, rng)
+  def loss_and_grad(params, carry, batch, row_keys):
+    loss_fn = functools.partial(tasks.get(config.task).loss, carry=carry, batch=batch,
+                                model_config=config.model, rng=model.Rngs(row_keys, shared_key))
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-  (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, new_carry), grads = accumulate(loss_and_grad, state.params, config.train.accumulate,
+                                        carry, batch, row_keys)
   if across_devices:
     loss, grads = parallel.mean((loss, grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -171,6 +174,27 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
                   "lr": learning_rate(config.train, steps_per_epoch)(state.step), "params_finite": params_finite}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, new_carry, step_metrics
+
+
+def accumulate(loss_and_grad: Callable, params: Any, k: int, carry: Any,
+               batch: dict[str, jax.Array], row_keys: jax.Array) -> tuple[tuple[jax.Array, Any], Any]:
+  """((mean loss, carry), mean gradient) of `loss_and_grad(params, carry, batch, row_keys)`
+  over k micro-batches: rows [i b/k, (i + 1) b/k) of every leaf <b, ...>, one after another in
+  a `lax.scan`, so that only one micro-batch's activations are alive at a time. Each lane keeps
+  its carry and dropout key, and a task's loss is a mean over equal-sized micro-batches, so
+  the result is the whole batch's up to float rounding. k = 1 calls `loss_and_grad` once."""
+  if k == 1:
+    return loss_and_grad(params, carry, batch, row_keys)
+  split = lambda tree: jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), tree)
+
+  def micro_step(total, xs):
+    (loss, carry), grads = loss_and_grad(params, *xs)
+    return jax.tree.map(jnp.add, total, (loss, grads)), carry
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), carries = jax.lax.scan(micro_step, zeros, split((carry, batch, row_keys)))
+  carry = jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:]), carries)  # lanes back in order
+  return (loss / k, carry), jax.tree.map(lambda g: g / k, grads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +307,10 @@ def _train(config: Config, workdir: pathlib.Path) -> dict[str, Any]:
   task = tasks.get(config.task)
   devs = parallel.devices(config.train.devices)
   parallel.check_divisible(config.data.batch_size, devs, "data.batch_size")
+  if (lanes := config.data.batch_size // devs.count) % config.train.accumulate:
+    raise UserError(f"train.accumulate={config.train.accumulate} must divide each device's "
+                    f"{lanes} lanes (data.batch_size={config.data.batch_size} over {devs.count} "
+                    "devices); choose a divisor")
   vocab, splits = task.prepare_data(config)
   epoch = task.train_batches(splits["train"], config, 0).batches_per_epoch
   config = config_lib.in_steps(config, epoch)

@@ -6,9 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # half a minute of compilation for every cell and peer
 def test_quick_bench_writes_every_figure(tmp_path):
   """--quick: exit 0; jaxrnn, torch and flax figures for rnn/gru/lstm; jaxrnn alone on the rest."""
   out = tmp_path / "b.json"

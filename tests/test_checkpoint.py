@@ -20,9 +20,11 @@ from jaxrnn.tasks import lm
 
 @pytest.fixture
 def ckpt_config(tiny_config):
-  """ckpt_config(steps): a two-layer tiny LM with dropout, evaluated and saved every 5 steps."""
-  return lambda steps: tiny_config(model={"num_layers": 2, "dropout": 0.1},
-                                   train={"steps": steps, "eval_every": 5, "ckpt_every": 5})
+  """ckpt_config(steps, accumulate=1): a two-layer tiny LM with dropout, evaluated and saved
+  every 5 steps."""
+  return lambda steps, accumulate=1: tiny_config(
+      model={"num_layers": 2, "dropout": 0.1},
+      train={"steps": steps, "eval_every": 5, "ckpt_every": 5, "accumulate": accumulate})
 
 
 def train_losses(workdir) -> list[tuple[int, float]]:
@@ -35,12 +37,14 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_resume_is_bitwise_identical(ckpt_config, tmp_path):
-  """10 steps, stop, resume to 20 == 20 steps straight: same params bit for bit, same losses."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_is_bitwise_identical(ckpt_config, tmp_path, accumulate):
+  """10 steps, stop, resume to 20 == 20 steps straight: same params bit for bit, same losses
+  (also with the batch run as micro-batches)."""
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  train.train_and_evaluate(ckpt_config(20), str(straight))
-  train.train_and_evaluate(ckpt_config(10), str(resumed))
-  train.train_and_evaluate(ckpt_config(20), str(resumed))
+  train.train_and_evaluate(ckpt_config(20, accumulate), str(straight))
+  train.train_and_evaluate(ckpt_config(10, accumulate), str(resumed))
+  train.train_and_evaluate(ckpt_config(20, accumulate), str(resumed))
   *_, params_a, step_a = checkpoint.load_run(str(straight))
   *_, params_b, step_b = checkpoint.load_run(str(resumed))
   assert step_a == step_b == 20

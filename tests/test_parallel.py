@@ -59,6 +59,7 @@ def test_validation_perplexity_is_identical_across_device_counts(four_and_one):
   assert results[0] == results[1] == results[2]
 
 
+@pytest.mark.slow  # two more multi-device runs; test_four_devices_match_one stays in the fast suite
 def test_four_device_checkpoint_resumes_on_two(tiny_flags, four_and_one, tmp_path):
   """Stop a 4-device run at step 10, resume on 2 devices: the losses of the straight run."""
   workdir = tmp_path / "run"
@@ -71,7 +72,8 @@ def test_four_device_checkpoint_resumes_on_two(tiny_flags, four_and_one, tmp_pat
 def test_every_regularizer_on_gives_the_same_run_on_four_devices_and_one(tiny_flags, tmp_path):
   """Locked and per-position dropout, embedding dropout, weight drop, tying, AR / TAR, uniform
   init, the step schedule and NT-ASGD together: 4 devices train as 1 (1e-5), since row masks
-  come from global row indices and the shared masks from one key on every device."""
+  come from global row indices and the shared masks from one key on every device; the 4
+  devices also run their lanes as 2 micro-batches each (train.accumulate)."""
   regularized = {"model": {"num_layers": 2, "hidden_size": 8, "dropout": 0.1, "dropout_in": 0.2,
                            "locked_dropout": True, "embed_dropout": 0.1, "weight_drop": 0.3,
                            "tie_embedding": True, "ar": 2.0, "tar": 1.0, "init_scale": 0.1},
@@ -80,7 +82,9 @@ def test_every_regularizer_on_gives_the_same_run_on_four_devices_and_one(tiny_fl
                            "optimizer": "sgd", "lr": 2.0, "schedule": "step", "decay_after": 1,
                            "asgd_patience": 1}}
   for n in (4, 1):
-    proc = run_script("train.py", *tiny_flags(tmp_path / str(n), **regularized), devices=n)
+    accumulate = {"train": {**regularized["train"], "accumulate": 2 if n == 4 else 1}}
+    proc = run_script("train.py", *tiny_flags(tmp_path / str(n), **{**regularized, **accumulate}),
+                      devices=n)
     assert proc.returncode == 0, proc.stderr
   np.testing.assert_allclose(losses(tmp_path / "4"), losses(tmp_path / "1"), rtol=1e-5)
   *_, params4, _ = checkpoint.load_run(str(tmp_path / "4"))
