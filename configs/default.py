@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.devices = 0  # local devices for data parallelism (pmap); 0: all of them
   config.train.seed = 0  # parameters, dropout and random batching
   config.train.log_every = 10  # steps between train rows in metrics.jsonl
+  # TensorBoard event files in the workdir beside metrics.jsonl (tensorboardX, the [tensorboard]
+  # extra): None: when it is installed; True: required; False: never
+  config.train.tensorboard = placeholder(bool)
   config.train.eval_every = 250  # steps between whole-split validations; 0: only at the end
   config.train.ckpt_every = 250  # steps between checkpoints (also saved at the end and on SIGTERM)
   config.train.keep = 3  # latest checkpoints kept, besides the best by validation loss

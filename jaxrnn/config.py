@@ -82,6 +82,7 @@ RULES: dict[str, Rule] = {
     "train.schedule": _one_of(SCHEDULES),
     "train.devices": (_at_least(0)[0], ">= 0 (0: all local devices)"),
     "train.log_every": _at_least(1),
+    "train.tensorboard": _one_of((None, True, False)),
     "train.eval_every": (_at_least(0)[0], ">= 0 (0: only at the end)"),
     "train.ckpt_every": _at_least(1),
     "train.keep": _at_least(1),

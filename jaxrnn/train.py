@@ -339,7 +339,8 @@ def _train(config: Config, workdir: pathlib.Path) -> dict[str, Any]:
       log.write({"step": step, "split": split, **row})
     return figures
 
-  with metrics.Log(workdir, config.train.steps, first - 1, devs.is_main) as log, \
+  with metrics.Log(workdir, config.train.steps, first - 1, devs.is_main,
+                   config.train.tensorboard) as log, \
       checkpoint.Preemption() as preemption:
     log.note(f"{params_count:,} parameters, vocabulary {len(vocab)}, "
              f"{task.size(splits['train']):,} training {task.UNIT}, "

@@ -1,10 +1,12 @@
-"""Tests for jaxrnn.metrics: the metrics.jsonl log as resumed runs and failures meet it."""
+"""Tests for jaxrnn.metrics: the metrics.jsonl log and its TensorBoard twin as resumed runs and
+failures meet them."""
 
 import json
+import sys
 
 import pytest
 
-from jaxrnn import metrics
+from jaxrnn import UserError, metrics, train
 
 
 def rows(workdir):
@@ -45,13 +47,67 @@ def test_a_disabled_log_writes_nothing(tmp_path):
 def test_a_torn_last_line_is_dropped_and_the_run_goes_on(tmp_path, capsys):
   """Half a line at the end (a crash or a full disk mid-write) is dropped with a note; the
   rewrite keeps every whole row and leaves no temporary file behind."""
-  with metrics.Log(tmp_path, steps=30) as log:
+  with metrics.Log(tmp_path, steps=30, tensorboard=False) as log:
     for step in (10, 20):
       log.write({"step": step, "split": "val", "loss": 1.0})
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 30, "split": "tra')
-  with metrics.Log(tmp_path, steps=30, resumed_at=20) as log:
+  with metrics.Log(tmp_path, steps=30, resumed_at=20, tensorboard=False) as log:
     log.write({"step": 30, "split": "val", "loss": 0.5})
   assert [r["step"] for r in rows(tmp_path)] == [10, 20, 30]
   assert "dropped 1 unreadable line" in capsys.readouterr().err
   assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def read_events(workdir) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} of a workdir's event files, through TensorBoard's own reader."""
+  from tensorboard.backend.event_processing import event_accumulator
+  events = event_accumulator.EventAccumulator(str(workdir))
+  events.Reload()
+  return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+          for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_are_the_jsonl_rows(tiny_config, tmp_path):
+  """A tiny run with train.tensorboard=True: TensorBoard reads back every number of every
+  metrics.jsonl row (train loss, lr, gradient norm, tokens/s; validation loss, perplexity,
+  bpc) as `<split>/<figure>` at its step, and nothing else."""
+  config = tiny_config(train={"steps": 6, "log_every": 2, "eval_every": 3, "tensorboard": True})
+  train.train_and_evaluate(config, str(tmp_path))
+  expected = {}
+  for row in rows(tmp_path):
+    for tag, value in metrics.scalars(row).items():
+      expected.setdefault(tag, []).append((row["step"], value))
+  assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss",
+          "val/perplexity", "val/bpc"} <= set(expected)
+  got = read_events(tmp_path)
+  assert sorted(got) == sorted(expected)
+  for tag, points in expected.items():
+    assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+    assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
+
+
+def test_a_resumed_log_continues_its_curves_without_repeated_steps(tmp_path):
+  """Steps past the restored one (run again after a resume) appear once in TensorBoard, with
+  the new run's values."""
+  with metrics.Log(tmp_path, steps=30) as log:
+    for step in (10, 20, 30):
+      log.write({"step": step, "split": "val", "loss": 1.0})
+  with metrics.Log(tmp_path, steps=40, resumed_at=20) as log:
+    for step in (30, 40):
+      log.write({"step": step, "split": "val", "loss": 0.5})
+  assert read_events(tmp_path) == {"val/loss": [(10, 1.0), (20, 1.0), (30, 0.5), (40, 0.5)]}
+
+
+def test_without_tensorboardx_training_goes_on_and_says_once_how_to_enable_it(
+    tiny_config, tmp_path, monkeypatch, capsys):
+  """tensorboardX missing: train.tensorboard None trains, writes metrics.jsonl and no events,
+  and says once how to turn curves on; True is a one-line error naming the extra."""
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import tensorboardX raises
+  train.train_and_evaluate(tiny_config(train={"steps": 3}), str(tmp_path / "run"))
+  assert capsys.readouterr().err.count("pip install -e '.[tensorboard]'") == 1
+  assert [r["step"] for r in rows(tmp_path / "run") if r["split"] == "train"] == [1, 2, 3]
+  assert not list((tmp_path / "run").glob(metrics.EVENTS))
+  with pytest.raises(UserError, match=r"train\.tensorboard=True needs tensorboardX"):
+    train.train_and_evaluate(tiny_config(train={"steps": 3, "tensorboard": True}),
+                             str(tmp_path / "required"))
