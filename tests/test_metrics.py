@@ -38,10 +38,11 @@ def test_the_file_is_closed_when_the_run_fails(tmp_path):
 
 
 def test_a_disabled_log_writes_nothing(tmp_path):
-  """Processes other than the main one (enabled=False) leave no file behind."""
-  with metrics.Log(tmp_path, steps=5, enabled=False) as log:
+  """Processes other than the main one (enabled=False) leave no file behind, TensorBoard's
+  included."""
+  with metrics.Log(tmp_path, steps=5, enabled=False, tensorboard=True) as log:
     log.write({"step": 1, "split": "val", "loss": 2.0})
-  assert not (tmp_path / "metrics.jsonl").exists()
+  assert not list(tmp_path.iterdir())
 
 
 def test_a_torn_last_line_is_dropped_and_the_run_goes_on(tmp_path, capsys):
