@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.task = "lm"  # "lm": predict the next token; "classify": one label per sentence
 
   config.model = ml_collections.ConfigDict()
-  config.model.cell = "lstm"  # a name in jaxrnn.cells: rnn, gru, lstm, lnlstm, mingru, minlstm, indrnn
+  config.model.cell = "lstm"  # a name in jaxrnn.cells: rnn, gru, lstm, lnlstm, mingru, minlstm, indrnn,
+  # rglru, slstm, mlstm
   config.model.hidden_size = 256  # h, per layer
   config.model.num_layers = 1  # stacked cells
   config.model.embed_dim = 64  # e, width of the token embedding
@@ -42,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.compute_dtype = "float32"  # matrix-product operands: float32 or bfloat16
   config.model.nonlinearity = "tanh"  # rnn cell only: tanh or relu
   config.model.forget_bias = 0.0  # lstm and lnlstm cells: added to the forget-gate bias at init
+  config.model.num_heads = 1  # slstm (block-diagonal recurrent weights) and mlstm (memories)
   config.model.bidirectional = False  # classify only: each layer also reads every sentence backwards
   config.model.pooling = "last"  # classify: "last" valid output (of each direction) or "mean" of them
   config.model.num_classes = 2  # classify: one output per class; 1: one sigmoid unit (2 classes)

@@ -5,12 +5,14 @@ g gates * h (the width of a cell's stacked gate pre-activations).
 
 A cell is a record of pure functions (the contract `layers.py` relies on):
   init(key, d, h) -> params            weights as in PyTorch, transposed to (in, out)
-  initial_carry(b, h) -> carry          zeros; h alone, or a tuple whose first entry is h
+  initial_carry(b, h) -> carry          zeros; h alone, or a tuple whose first entry is h<b, h>
+                                        (every leaf's first axis is the batch)
   project(params, x[..., d]) -> gx[..., g]   the part of a step that reads x alone (any leading shape)
   recur(params, carry, gx[b, g]) -> (carry, y[b, h])   the rest of one step
   step = recur . project
 and, optionally, the structure a faster recurrence needs (see `Cell`): `core` with its
-`recurrent_weight` and `core_reads`, or `log_linear` for steps linear in the state.
+`recurrent_weight` and `core_reads`, `log_linear` for steps linear in the state, or a
+`parallel` form of the cell's own.
 
 Splitting `project` from `recur` lets `layers.run` do the input product for all time steps
 as one matrix product outside the scan. Biases that PyTorch keeps twice (`bias_ih + bias_hh`)
@@ -48,7 +50,10 @@ class Cell:
       as a parallel scan;
     kernel: "lstm" or "gru" when the cell is exactly torch.nn.LSTM / nn.GRU with the parameters
       `w_ih`, `w_hh`, `b` (and `b_hn`), so a whole-layer library kernel (`jaxrnn.kernels`:
-      oneDNN, cuDNN) can run it.
+      oneDNN, cuDNN) can run it;
+    parallel: `parallel(params, carry, gx<t, b, g>) -> (carry, ys<t, b, h>)`, all steps at once
+      with the values of scanning `recur` (for cells whose gates read x alone, in a form of
+      their own: rglru's signed linear scan, mlstm's stabilized parallel form).
   """
   name: str
   init: Callable[..., Params]
@@ -61,6 +66,7 @@ class Cell:
   recurrent_weight: str | None = None
   core_reads: tuple[str, ...] = ()
   kernel: str | None = None
+  parallel: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]] | None = None
 
   def __post_init__(self):
     if (self.core is None) != (self.recurrent_weight is None):
@@ -321,6 +327,214 @@ def indrnn(compute_dtype: str = "float32") -> Cell:
   return Cell("indrnn", init, _zeros, _input_projection(dtype), recur, dtype=dtype)
 
 
+@jax.custom_vjp
+def _sqrt_bounded_grad(x: jax.Array) -> jax.Array:
+  """sqrt(x) whose derivative is capped at 1000, as recurrentgemma's `sqrt_bound_derivative`
+  (sqrt'(x) is infinite at x = 0, where an RG-LRU unit's a_t reaches 1)."""
+  return jnp.sqrt(x)
+
+
+_sqrt_bounded_grad.defvjp(
+    lambda x: (jnp.sqrt(x), x),
+    lambda x, g: (g * 0.5 * jax.lax.rsqrt(jnp.maximum(x, 1.0 / (4 * 1000.0 ** 2))),))
+
+RGLRU_C = 8.0  # the fixed scale c of the recurrence gate's exponent (De et al. 2024)
+
+
+def rglru(compute_dtype: str = "float32") -> Cell:
+  """RG-LRU, the Real-Gated Linear Recurrent Unit of Griffin (De et al. 2024), as in
+  recurrentgemma/jax/layers.py (`RGLRU.__call__`):
+
+    x~ = x W_x + b_x,  i = sigmoid(x W_i + b_i),  r = sigmoid(x W_a + b_a)
+    log a_t = -c r_t softplus(Lambda),  i.e. a_t = a^(c r_t) with a = sigmoid(-Lambda) per unit
+    h' = a_t * h + sqrt(1 - a_t^2) * (i_t * x~_t)    (c = 8; a_t in log space, as the authors')
+
+  Lambda (`a_param`) starts with a uniform in area on the ring 0.9 <= a <= 0.999, as theirs.
+  The gates read x alone, so the step is linear in h (`parallel`: an associative scan).
+  Against the authors' layer: the gates are dense rather than block-diagonal over heads,
+  x~ is the cell's own input projection (Griffin's block applies it outside the RG-LRU), and
+  there are no document resets (the state is carried, as for every jaxrnn cell).
+  """
+  dtype = _dtype(compute_dtype)
+
+  def init(key, d, h):
+    k, k_a = jax.random.split(key)
+    # a = exp(-softplus(Lambda)) uniform in area on the ring 0.9 <= a <= 0.999 (rnn_param_init).
+    a = jnp.sqrt(jax.random.uniform(k_a, (h,), jnp.float32, 0.9 ** 2, 0.999 ** 2))
+    return {**_init_input(k, d, h, 3), "a_param": jnp.log(jnp.expm1(-jnp.log(a)))}
+
+  def terms(params, gx):  # (log a_t, b_t) of h' = a_t h + b_t; b_t of either sign
+    x, gate_i, gate_a = jnp.split(gx, 3, axis=-1)
+    log_a = -RGLRU_C * jax.nn.sigmoid(gate_a) * jax.nn.softplus(params["a_param"])
+    return log_a, _sqrt_bounded_grad(1.0 - jnp.exp(2.0 * log_a)) * (jax.nn.sigmoid(gate_i) * x)
+
+  def recur(params, h, gx):
+    log_a, b = terms(params, gx)
+    h = jnp.exp(log_a) * h + b
+    return h, h
+
+  def parallel(params, h0, gx):
+    def compose(earlier, later):  # a run of steps: (log of its product of a, its sum of b)
+      (log_a1, b1), (log_a2, b2) = earlier, later
+      return log_a1 + log_a2, jnp.exp(log_a2) * b1 + b2  # a <= 1: nothing overflows
+    log_prod_a, total = jax.lax.associative_scan(compose, terms(params, gx))
+    hs = jnp.exp(log_prod_a) * h0 + total
+    return hs[-1], hs
+
+  return Cell("rglru", init, _zeros, _input_projection(dtype), recur, dtype=dtype,
+              parallel=parallel)
+
+
+def _heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """x<..., h> -> x<..., heads, h / heads>."""
+  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def slstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
+  """sLSTM, xLSTM's scalar-memory LSTM (Beck et al. 2024), as in xlstm's
+  blocks/slstm/src/vanilla/slstm.py (`slstm_forward_pointwise`), gate order (i, f, z, o):
+
+    raw = x W_ih + b + R h    (R block-diagonal over `num_heads` heads: w_hh<heads, h/heads, 4 h/heads>)
+    m' = max(i, log sigmoid(f) + m)    (m' = i from the zero state)
+    i' = exp(i - m'),  f' = exp(log sigmoid(f) + m - m')    (both <= 1: the stabilizer m)
+    c' = f' c + i' tanh(z),  n' = f' n + i',  h' = sigmoid(o) * c' / n'
+
+  The input gate is exponential, the forget gate a sigmoid (the authors' vanilla kernel);
+  |h'| <= 1 however large the pre-activations. Carry (h, c, n, m), each <b, h>. Biases start
+  as the authors' default: 0, the forget gate's from 5 down to -7 across each head.
+  """
+  dtype = _dtype(compute_dtype)
+
+  def init(key, d, h):
+    k, k_hh = jax.random.split(key)
+    dh = h // num_heads
+    # The authors' default biases ("powerlaw_blockdependent", first block): 0, except the
+    # forget gate's, from 5 down to -7 across each head, so some units remember for long.
+    f_bias = -(-5.0 + 12.0 * (jnp.arange(dh) / max(dh - 1, 1)) ** 0.3)
+    b = jnp.zeros((4, num_heads, dh), jnp.float32).at[1].set(f_bias).reshape(-1)
+    return {"w_ih": _init_input(k, d, h, 4)["w_ih"], "b": b,
+            "w_hh": _uniform(k_hh, (num_heads, dh, 4 * dh), h)}
+
+  def recur(params, carry, gx):
+    h, c, n, m = carry
+    # Head k's recurrent product gives its (4, h/heads) gate slice; gx is (4, heads, h/heads).
+    gh = jnp.einsum("bkd,kdg->bkg", _heads(h, num_heads).astype(dtype),
+                    params["w_hh"].astype(dtype), preferred_element_type=jnp.float32)
+    gh = jnp.swapaxes(gh.reshape(*gh.shape[:2], 4, -1), 1, 2).reshape(gx.shape)
+    i, f, z, o = jnp.split(gx + gh, 4, axis=-1)
+    log_f_m = m + jax.nn.log_sigmoid(f)
+    m = jnp.where(n == 0.0, i, jnp.maximum(i, log_f_m))
+    i_gate = jnp.minimum(jnp.exp(i - m), 1.0)
+    f_gate = jnp.minimum(jnp.exp(log_f_m - m), 1.0)
+    c = f_gate * c + i_gate * jnp.tanh(z)
+    n = f_gate * n + i_gate
+    h = jax.nn.sigmoid(o) * c / n
+    return (h, c, n, m), h
+
+  return Cell("slstm", init, lambda b, h: (_zeros(b, h),) * 4, _input_projection(dtype), recur,
+              dtype=dtype)
+
+
+MLSTM_EPS = 1e-6  # added to the normalizer, as the authors'
+MLSTM_CHUNK = 64  # steps the parallel form takes at once (xlstm's chunkwise_simple default)
+
+
+def mlstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
+  """mLSTM, xLSTM's matrix-memory LSTM (Beck et al. 2024), as in xlstm's
+  blocks/mlstm/backends.py (`recurrent_step_stabilized_simple`), per head of d = h / heads:
+
+    q, k, v, o = x W + b (each <h>), k scaled by 1 / sqrt(d);  i, f = x W + b (each <heads>)
+    m' = max(log sigmoid(f) + m, i),  f' = exp(log sigmoid(f) + m - m'),  i' = exp(i - m')
+    C' = f' C + i' k v^T  <d, d>,  n' = f' n + i' k  <d>
+    h' = sigmoid(o) * (q^T C') / (max(|q^T n'|, exp(-m')) + eps)
+
+  The gates read x alone (no recurrent weights), so besides this sequential form for
+  sampling there is a `parallel` one for training, equal to it. Carry (h<b, h>,
+  C<b, heads, d, d>, n<b, heads, d>, m<b, heads>). The i and f gates start as the authors':
+  zero weights, biases N(0, 0.1) and 3 to 6 across the heads.
+  """
+  dtype = _dtype(compute_dtype)
+
+  def init(key, d, h):
+    k_ih, k_b, k_i = jax.random.split(key, 3)
+    params = _init_input(k_ih, d, h, 4)
+    # The authors' gate init (mLSTMCell.reset_parameters): input and forget gates start from
+    # the bias alone, i ~ N(0, 0.1) and f spaced from 3 to 6 over the heads (a long memory).
+    i_bias = 0.1 * jax.random.normal(k_i, (num_heads,), jnp.float32)
+    f_bias = jnp.linspace(3.0, 6.0, num_heads, dtype=jnp.float32)
+    return {"w_ih": jnp.concatenate([params["w_ih"], jnp.zeros((d, 2 * num_heads))], axis=1),
+            "b": jnp.concatenate([params["b"], i_bias, f_bias])}
+
+  def initial_carry(b, h):
+    dh = h // num_heads
+    return (_zeros(b, h), jnp.zeros((b, num_heads, dh, dh), jnp.float32),
+            jnp.zeros((b, num_heads, dh), jnp.float32), jnp.zeros((b, num_heads), jnp.float32))
+
+  def split(gx):  # q, k, v, o as <..., heads, d> (k scaled), i, f as <..., heads>
+    h = (gx.shape[-1] - 2 * num_heads) // 4
+    q, k, v, o = (_heads(x, num_heads) for x in jnp.split(gx[..., :4 * h], 4, axis=-1))
+    i, f = jnp.split(gx[..., 4 * h:], 2, axis=-1)
+    return q, k / jnp.sqrt(jnp.float32(q.shape[-1])), v, o, i, f
+
+  def recur(params, carry, gx):
+    _, c, n, m = carry
+    q, k, v, o, i, f = split(gx)
+    log_f_m = jax.nn.log_sigmoid(f) + m
+    m = jnp.maximum(log_f_m, i)
+    f_gate, i_gate = jnp.exp(log_f_m - m), jnp.exp(i - m)
+    c = f_gate[..., None, None] * c + i_gate[..., None, None] * k[..., :, None] * v[..., None, :]
+    n = f_gate[..., None] * n + i_gate[..., None] * k
+    numerator = jnp.einsum("bkd,bkde->bke", q, c)
+    denominator = jnp.maximum(jnp.abs(jnp.sum(q * n, -1)), jnp.exp(-m)) + MLSTM_EPS
+    h = (jax.nn.sigmoid(o) * numerator / denominator[..., None]).reshape(gx.shape[0], -1)
+    return (h, c, n, m), h
+
+  def chunk(carry, gx):
+    """The steps of gx<t, b, g> at once from the carry: step s reaches step t with log weight
+    F_t - F_s + i_s (F the cumulative log forget gate), the carried memory with F_t + m0;
+    m_t is the largest of them, which is the recurrence's stabilizer exactly."""
+    _, c0, n0, m0 = carry
+    q, k, v, o, i, f = (jnp.moveaxis(x, 0, 2) for x in split(gx))  # <b, heads, t, ...>
+    log_f = jnp.cumsum(jax.nn.log_sigmoid(f), axis=-1)  # F<b, heads, t>
+    causal = jnp.tril(jnp.ones((gx.shape[0],) * 2, bool))
+    log_d = jnp.where(causal, log_f[..., :, None] - log_f[..., None, :] + i[..., None, :],
+                      -jnp.inf)  # <b, heads, t, s>
+    log_carried = log_f + m0[..., None]
+    m = jnp.maximum(log_d.max(-1), log_carried)
+    d = jnp.exp(log_d - m[..., None])
+    carried = jnp.exp(log_carried - m)
+    scores = jnp.einsum("bktd,bksd->bkts", q, k) * d
+    numerator = (jnp.einsum("bkts,bksd->bktd", scores, v)
+                 + carried[..., None] * jnp.einsum("bktd,bkde->bkte", q, c0))
+    qn = scores.sum(-1) + carried * jnp.einsum("bktd,bkd->bkt", q, n0)
+    h_tilde = numerator / (jnp.maximum(jnp.abs(qn), jnp.exp(-m)) + MLSTM_EPS)[..., None]
+    hs = jax.nn.sigmoid(o) * h_tilde  # <b, heads, t, d>
+    hs = jnp.moveaxis(hs, 2, 0).reshape(gx.shape[0], gx.shape[1], -1)  # <t, b, h>
+    last = d[..., -1, :]  # the last step's weights <b, heads, s>
+    c = carried[..., -1, None, None] * c0 + jnp.einsum("bks,bksd,bkse->bkde", last, k, v)
+    n = carried[..., -1, None] * n0 + jnp.einsum("bks,bksd->bkd", last, k)
+    return (hs[-1], c, n, m[..., -1]), hs
+
+  def parallel(params, carry, gx):
+    # Chunks of MLSTM_CHUNK steps, the carry passed between them (the authors' chunkwise form):
+    # memory grows with t * chunk rather than t^2, and F_t - F_s never spans more than a chunk,
+    # so long sequences keep float32 precision.
+    del params
+    t, full = gx.shape[0], gx.shape[0] // MLSTM_CHUNK * MLSTM_CHUNK
+    ys = []
+    if full:
+      chunks = gx[:full].reshape(full // MLSTM_CHUNK, MLSTM_CHUNK, *gx.shape[1:])
+      carry, hs = jax.lax.scan(chunk, carry, chunks)
+      ys.append(hs.reshape(full, *hs.shape[2:]))
+    if full < t:
+      carry, hs = chunk(carry, gx[full:])
+      ys.append(hs)
+    return carry, jnp.concatenate(ys)
+
+  return Cell("mlstm", init, initial_carry, _input_projection(dtype), recur, dtype=dtype,
+              parallel=parallel)
+
+
 _REGISTRY: dict[str, Callable[..., Cell]] = {
     "rnn": rnn,
     "gru": gru,
@@ -329,6 +543,9 @@ _REGISTRY: dict[str, Callable[..., Cell]] = {
     "mingru": mingru,
     "minlstm": minlstm,
     "indrnn": indrnn,
+    "rglru": rglru,
+    "slstm": slstm,
+    "mlstm": mlstm,
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import ml_collections
 
 from configs import default
-from jaxrnn import UserError, cells, data, layers, tasks
+from jaxrnn import UserError, cells, data, layers, model, tasks
 
 Config = ml_collections.ConfigDict
 OPTIMIZERS = ("adam", "adamw", "sgd")  # built by train.make_optimizer
@@ -50,6 +50,7 @@ RULES: dict[str, Rule] = {
     "model.cell": _one_of(tuple(cells.names())),
     "model.hidden_size": _at_least(1),
     "model.num_layers": _at_least(1),
+    "model.num_heads": _at_least(1),
     "model.unroll": _at_least(1),
     "model.embed_scale": _finite_at_least(0.0),
     "model.dropout": _rate(),
@@ -121,6 +122,12 @@ def validate(config: Config) -> None:
   model_config, data_config = config.model, config.data
   cell = cells.from_config(model_config)  # the cell's own options: nonlinearity, forget_bias, ...
   layers.check(cell, model_config.impl)  # a kernel that cannot run this cell, or not here
+  heads = model_config.num_heads
+  if "num_heads" in cells.takes(model_config.cell) and any(
+      size % heads for size in model.layer_sizes(model_config)):
+    raise UserError(f"model.num_heads={heads} must divide every layer's width "
+                    f"({', '.join(map(str, sorted(set(model.layer_sizes(model_config)))))}: "
+                    "model.hidden_size, and model.embed_dim for a tied last layer)")
   if not model_config.one_hot and model_config.embed_dim < 1:
     _fail("model.embed_dim", model_config.embed_dim, ">= 1 (or set model.one_hot=True)")
   if model_config.weight_drop > 0 and cell.recurrent_weight is None:

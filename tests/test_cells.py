@@ -1,18 +1,27 @@
-"""Tests for jaxrnn.cells: shapes, the step decomposition, and numerics against NumPy."""
+"""Tests for jaxrnn.cells: shapes, the step decomposition, and numerics against NumPy (and, for
+rglru, slstm and mlstm, against their authors' code re-implemented in float64 NumPy)."""
 
 import math
 
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 
-from jaxrnn import UserError, cells, model
+from jaxrnn import UserError, cells, layers, model
 
 CELLS = ["rnn", "gru", "lstm"]  # the torch.nn cells
 ALL_CELLS = cells.names()
-GATES = {"rnn": 1, "gru": 3, "lstm": 4, "lnlstm": 4, "mingru": 2, "minlstm": 3, "indrnn": 1}
+GATES = {"rnn": 1, "gru": 3, "lstm": 4, "lnlstm": 4, "mingru": 2, "minlstm": 3, "indrnn": 1,
+         "rglru": 3, "slstm": 4, "mlstm": 4}
+CARRY_LEAVES = {"lstm": 2, "lnlstm": 2, "slstm": 4, "mlstm": 4}  # 1 for the others: h alone
 B, D, H = 3, 5, 7
+
+
+def width(name, h=H):
+  """The width of a cell's projection gx: its gates times h (mlstm: plus i and f per head)."""
+  return GATES[name] * h + (2 if name == "mlstm" else 0)
 
 
 def _random_carry(name, rng, b=B, h=H):
@@ -47,14 +56,15 @@ def test_init_shapes_dtypes_and_range(name):
 
 @pytest.mark.parametrize("name", ALL_CELLS)
 def test_initial_carry_is_zeros(name):
-  """initial_carry(b, h) is float32 zeros of shape (b, h); the LSTMs have two of them."""
+  """initial_carry(b, h) is float32 zeros, h<b, h> first (the LSTMs add c; slstm c, n, m;
+  mlstm its memory C<b, heads, d, d>, n and m), every leaf batch-first."""
   carry = cells.get(name).initial_carry(B, H)
   leaves = jax.tree.leaves(carry)
-  assert len(leaves) == (2 if name in ("lstm", "lnlstm") else 1)
+  assert len(leaves) == CARRY_LEAVES.get(name, 1)
+  assert cells.hidden(carry).shape == (B, H)
   for leaf in leaves:
-    assert leaf.shape == (B, H)
-    assert leaf.dtype == jnp.float32
-    np.testing.assert_array_equal(leaf, np.zeros((B, H)))
+    assert leaf.shape[0] == B and leaf.dtype == jnp.float32
+    np.testing.assert_array_equal(leaf, np.zeros(leaf.shape))
 
 
 @pytest.mark.parametrize("name", ALL_CELLS)
@@ -67,8 +77,8 @@ def test_step_shapes(name):
   assert y.shape == (B, H)
   assert y.dtype == jnp.float32
   assert jax.tree.structure(carry) == jax.tree.structure(carry0)
-  for leaf in jax.tree.leaves(carry):
-    assert leaf.shape == (B, H)
+  for leaf, leaf0 in zip(jax.tree.leaves(carry), jax.tree.leaves(carry0)):
+    assert leaf.shape == leaf0.shape
 
 
 @pytest.mark.parametrize("name", ALL_CELLS)
@@ -92,7 +102,7 @@ def test_project_any_leading_shape(name):
   params = cell.init(jax.random.key(3), D, H)
   xs = jnp.asarray(np.random.default_rng(1).normal(size=(4, B, D)), jnp.float32)
   gx = cell.project(params, xs)
-  assert gx.shape == (4, B, GATES[name] * H)
+  assert gx.shape == (4, B, width(name))
   for t in range(4):
     np.testing.assert_allclose(gx[t], cell.project(params, xs[t]), rtol=1e-6, atol=1e-6)
 
@@ -282,3 +292,200 @@ def test_indrnn_matches_numpy():
   _, y = cell.step(params, jnp.asarray(h, jnp.float32), jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(y, np.maximum(x @ p["w_ih"] + p["b"] + p["u"] * h, 0.0),
                              rtol=1e-5, atol=1e-6)
+
+
+# RG-LRU, sLSTM and mLSTM against their authors' code. Neither package installs beside jaxrnn
+# (recurrentgemma pins absl-py < 2 and numpy < 2.4; xlstm needs mlstm_kernels and ninja), so
+# each reference below is its authors' function re-implemented line by line in float64 NumPy.
+HEADS = 2
+H_HEADS = 8  # divisible by HEADS
+
+
+def _softplus(x):
+  return np.logaddexp(0.0, x)
+
+
+def _log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def rglru_authors(x, h0, w_i, b_i, w_a, b_a, a_param):
+  """recurrentgemma 1.0.1, jax/layers.py, RGLRU.__call__ with only_real=True and no segment
+  reset, its BlockDiagonalLinear gates as one block; scan.linear_scan as a loop."""
+  gate_x = _sigmoid(x @ w_i + b_i)
+  gate_a = _sigmoid(x @ w_a + b_a)
+  log_a = -8.0 * gate_a * _softplus(a_param)
+  a, a_squared = np.exp(log_a), np.exp(2 * log_a)
+  normalized_x = x * gate_x * np.sqrt(1 - a_squared)
+  h, ys = h0, []
+  for t in range(x.shape[1]):
+    h = a[:, t] * h + normalized_x[:, t]
+    ys.append(h)
+  return np.stack(ys, 1), h
+
+
+def test_rglru_matches_the_authors_layer():
+  """rglru with w_x = I and b_x = 0 is the authors' RG-LRU on its input: outputs and final
+  state within 1e-5 over 12 steps from a nonzero state."""
+  cell = cells.get("rglru")
+  rng = np.random.default_rng(20)
+  params = cell.init(jax.random.key(20), H, H)
+  w_i, w_a = (rng.normal(size=(H, H)) / np.sqrt(H) for _ in range(2))
+  b_i, b_a = rng.normal(size=H), rng.normal(size=H)
+  params["w_ih"] = jnp.asarray(np.concatenate([np.eye(H), w_i, w_a], 1), jnp.float32)
+  params["b"] = jnp.asarray(np.concatenate([np.zeros(H), b_i, b_a]), jnp.float32)
+  p = _float64(params)
+  xs, h0 = rng.normal(size=(B, 12, H)), rng.normal(size=(B, H))
+  want_ys, want_h = rglru_authors(xs, h0, p["w_ih"][:, H:2 * H], p["b"][H:2 * H],
+                                  p["w_ih"][:, 2 * H:], p["b"][2 * H:], p["a_param"])
+  carry, ys = layers.run(cell, params, jnp.asarray(h0, jnp.float32), jnp.asarray(xs, jnp.float32),
+                         impl="scan")
+  np.testing.assert_allclose(ys, want_ys, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(carry, want_h, rtol=1e-5, atol=1e-5)
+  a = np.exp(-_softplus(p["a_param"]))  # the authors' ring: 0.9 <= a <= 0.999 at init
+  assert 0.9 <= a.min() and a.max() <= 0.999
+
+
+def slstm_authors(wx, r, b, states):
+  """xlstm 2.0.6, blocks/slstm/src/vanilla: `slstm_forward`'s Ry (R<heads, 4 d, d>) and
+  slstm.py's `slstm_forward_pointwise`, one step; states (y, c, n, m)."""
+  y, c, n, m = states
+  batch, heads, d = y.shape[0], r.shape[0], r.shape[2]
+  ry = (y.reshape(batch, heads, 1, d) @ np.swapaxes(r, 1, 2).reshape(1, heads, d, 4 * d))
+  ry = np.swapaxes(ry.reshape(batch, heads, 4, d), 1, 2).reshape(batch, -1)
+  iraw, fraw, zraw, oraw = np.split(wx + ry + b, 4, axis=-1)
+  logfplusm = m + _log_sigmoid(fraw)
+  mnew = iraw if np.all(n == 0.0) else np.maximum(iraw, logfplusm)
+  igate = np.minimum(np.exp(iraw - mnew), 1.0)
+  fgate = np.minimum(np.exp(logfplusm - mnew), 1.0)
+  cnew = fgate * c + igate * np.tanh(zraw)
+  nnew = fgate * n + igate
+  return _sigmoid(oraw) * cnew / nnew, cnew, nnew, mnew
+
+
+def test_slstm_matches_the_authors_kernel():
+  """slstm with 2 heads: the authors' vanilla step (block-diagonal R mapped as w_hh[k] = R[k]^T)
+  over 12 steps from the zero state, pre-activations up to about +-10: every state within 1e-5."""
+  cell = cells.get("slstm", num_heads=HEADS)
+  params = {k: 4.0 * v for k, v in cell.init(jax.random.key(21), D, H_HEADS).items()}
+  p = _float64(params)
+  r = np.swapaxes(p["w_hh"], 1, 2)  # the authors' R<heads, 4 d, d>
+  xs = 2.0 * np.random.default_rng(21).normal(size=(B, 12, D))
+  states = tuple(np.zeros((B, H_HEADS)) for _ in range(4))
+  carry = cell.initial_carry(B, H_HEADS)
+  for t in range(12):
+    states = slstm_authors(xs[:, t] @ p["w_ih"], r, p["b"], states)
+    carry, y = cell.step(params, carry, jnp.asarray(xs[:, t], jnp.float32))
+    np.testing.assert_allclose(y, states[0], rtol=1e-5, atol=1e-5)
+  for got, want in zip(carry, states, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def mlstm_authors(c, n, m, q, k, v, i, f, eps=1e-6):
+  """xlstm 2.0.6, blocks/mlstm/backends.py, `recurrent_step_stabilized_simple`: q, k, v
+  <b, heads, d>, i, f <b, heads>, c <b, heads, d, d>, n <b, heads, d>, m <b, heads>."""
+  q, k, v = q[..., None], k[..., None], v[..., None]  # (B, NH, DH, 1)
+  log_fg_act = _log_sigmoid(f)[..., None, None]
+  m_new = np.maximum(log_fg_act + m[..., None, None], i[..., None, None])
+  fg_act = np.exp(log_fg_act + m[..., None, None] - m_new)
+  ig_act = np.exp(i[..., None, None] - m_new)
+  k_scaled = k / np.sqrt(q.shape[-2])
+  c_new = fg_act * c + ig_act * (k_scaled @ np.swapaxes(v, -1, -2))
+  n_new = fg_act * n[..., None] + ig_act * k_scaled
+  h_num = np.swapaxes(q, -1, -2) @ c_new
+  qn = np.swapaxes(q, -1, -2) @ n_new
+  h = h_num / (np.maximum(np.abs(qn), np.exp(-m_new)) + eps)
+  return h[..., 0, :], c_new, n_new[..., 0], m_new[..., 0, 0]
+
+
+def test_mlstm_matches_the_authors_recurrent_step():
+  """mlstm with 2 heads: the authors' stabilized step, times the output gate sigmoid(o) of
+  the paper's h = o * h~ (their layer applies it outside the cell), over 12 steps from the
+  zero state: outputs and memories within 1e-5."""
+  cell = cells.get("mlstm", num_heads=HEADS)
+  params = cell.init(jax.random.key(22), D, H_HEADS)
+  p = _float64(params)
+  xs = np.random.default_rng(22).normal(size=(B, 12, D))
+  d = H_HEADS // HEADS
+  c, n, m = np.zeros((B, HEADS, d, d)), np.zeros((B, HEADS, d)), np.zeros((B, HEADS))
+  carry = cell.initial_carry(B, H_HEADS)
+  for t in range(12):
+    gx = xs[:, t] @ p["w_ih"] + p["b"]
+    q, k, v, o = (x.reshape(B, HEADS, d) for x in np.split(gx[:, :4 * H_HEADS], 4, axis=-1))
+    h_tilde, c, n, m = mlstm_authors(c, n, m, q, k, v, gx[:, 4 * H_HEADS:4 * H_HEADS + HEADS],
+                                     gx[:, 4 * H_HEADS + HEADS:])
+    carry, y = cell.step(params, carry, jnp.asarray(xs[:, t], jnp.float32))
+    np.testing.assert_allclose(y, (_sigmoid(o) * h_tilde).reshape(B, -1), rtol=1e-5, atol=1e-5)
+  for got, want in zip(carry[1:], (c, n, m), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, dtypes", [("rglru", (jnp.float32,)),
+                                          ("mlstm", (jnp.float32, jnp.float64))])
+def test_parallel_form_equals_the_sequential_one(name, dtypes):
+  """impl=fused runs `cell.parallel` (all steps at once), impl=scan the step in lax.scan, from a
+  carry reached by 20 steps: in float32 the same outputs and final carry within 1e-5 and
+  gradients (parameters and carry) within 1e-5 of their largest entry; for mlstm, in float64
+  the same gradients to 1e-10, so what float32 shows is rounding (its long memories sum 40
+  steps in another order)."""
+  for dtype in dtypes:
+    with jax.enable_x64(dtype == jnp.float64):
+      cell = cells.get(name, **({"num_heads": HEADS} if name == "mlstm" else {}))
+      cast = lambda tree: jax.tree.map(lambda v: v.astype(dtype), tree)
+      params = cast(cell.init(jax.random.key(23), D, H_HEADS))
+      rng = np.random.default_rng(23)
+      warmup, xs = (jnp.asarray(rng.normal(size=(B, t, D)), dtype) for t in (20, 40))
+      carry0, _ = layers.run(cell, params, cast(cell.initial_carry(B, H_HEADS)), warmup,
+                             impl="scan")
+      run = lambda impl, params, carry: layers.run(cell, params, carry, xs, impl=impl)
+      grad = lambda impl: jax.grad(lambda p, c: jnp.sum(jnp.sin(run(impl, p, c)[1])), (0, 1))
+      grads = [jax.tree.leaves(grad(impl)(params, carry0)) for impl in ("fused", "scan")]
+      if dtype == jnp.float64:
+        for a, b in zip(*grads, strict=True):
+          np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+        continue
+      (carry_p, ys_p), (carry_s, ys_s) = run("fused", params, carry0), run("scan", params, carry0)
+      np.testing.assert_allclose(ys_p, ys_s, rtol=1e-5, atol=1e-5)
+      for a, b in zip(jax.tree.leaves(carry_p), jax.tree.leaves(carry_s), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+      for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("name", ["rglru", "slstm", "mlstm"])
+def test_stabilized_gates_stay_finite_over_4096_steps(name):
+  """Pre-activations in the tens (weights x8, inputs x3) over 4,096 steps: outputs, states and
+  gradients stay finite, sequentially and (rglru, mlstm) in the parallel form, which agrees
+  to 1e-2 (mlstm's outputs reach the hundreds where |q n| nearly cancels against its floor
+  exp(-m), and there float32 rounding depends on the order of summation)."""
+  cell = cells.get(name)
+  params = {k: 8.0 * v for k, v in cell.init(jax.random.key(24), D, H).items()}
+  xs = jnp.asarray(3.0 * np.random.default_rng(24).normal(size=(1, 4096, D)), jnp.float32)
+  carry0 = cell.initial_carry(1, H)
+  loss = lambda impl: lambda p: jnp.mean(layers.run(cell, p, carry0, xs, impl=impl)[1])
+  carry, ys = jax.jit(lambda p: layers.run(cell, p, carry0, xs, impl="scan"))(params)
+  grads = jax.jit(jax.grad(loss("scan")))(params)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((carry, ys, grads)))
+  if cell.parallel is not None:
+    _, parallel_ys = jax.jit(lambda p: layers.run(cell, p, carry0, xs, impl="fused"))(params)
+    parallel_grads = jax.jit(jax.grad(loss("fused")))(params)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(parallel_grads))
+    np.testing.assert_allclose(parallel_ys, ys, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["rglru", "slstm", "mlstm"])
+def test_gradients_pass_check_grads(name):
+  """jax.test_util.check_grads (reverse mode, float64) on 5 steps from a reached state, through
+  the sequential form and (rglru, mlstm) the parallel one."""
+  with jax.enable_x64(True):
+    cell = cells.get(name, **({"num_heads": HEADS} if name != "rglru" else {}))
+    params = jax.tree.map(lambda v: v.astype(jnp.float64),
+                          cell.init(jax.random.key(25), 3, H_HEADS))
+    rng = np.random.default_rng(25)
+    carry, _ = layers.run(cell, params, jax.tree.map(lambda z: z.astype(jnp.float64),
+                                                     cell.initial_carry(2, H_HEADS)),
+                          jnp.asarray(rng.normal(size=(2, 3, 3))), impl="scan")
+    xs = jnp.asarray(rng.normal(size=(2, 5, 3)))
+    for impl in ("scan", "fused") if cell.parallel else ("scan",):
+      jax.test_util.check_grads(lambda p, c, x: layers.run(cell, p, c, x, impl=impl)[1],
+                                (params, carry, xs), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)

@@ -57,6 +57,13 @@ from jaxrnn import UserError, cells, config as config_lib, train
     ({"model": {"init_scale": -0.1}}, "model.init_scale must be a finite number >= 0.0"),
     ({"model": {"ar": float("inf")}}, "model.ar must be a finite number >= 0.0"),
     ({"train": {"unit": "hours"}}, "train.unit must be one of steps, epochs, got 'hours'"),
+    ({"model": {"cell": "mlstm", "num_heads": 3}},
+     "model.num_heads=3 must divide every layer's width \\(16: model.hidden_size"),
+    ({"model": {"cell": "gru", "num_heads": 2}}, "model.num_heads=2 does nothing for cell 'gru' "
+                                                  "\\(it applies to slstm, mlstm\\)"),
+    ({"model": {"num_heads": 0}}, "model.num_heads must be >= 1, got 0"),
+    ({"train": {"accumulate": 0}}, "train.accumulate must be >= 1"),
+    ({"train": {"accumulate": 3}}, "train.accumulate=3 must divide data.batch_size=4"),
     ({"train": {"schedule": "step", "decay_factor": 1.5}}, "train.decay_factor must be in \\(0, 1\\]"),
     ({"train": {"schedule": "step", "warmup_steps": 10}}, "train.schedule=step has no warmup"),
     ({"train": {"asgd_patience": -1}}, "train.asgd_patience must be >= 0 \\(0 turns NT-ASGD off\\)"),

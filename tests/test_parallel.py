@@ -93,6 +93,18 @@ def test_every_regularizer_on_gives_the_same_run_on_four_devices_and_one(tiny_fl
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # two more multi-device runs; test_four_devices_match_one stays in the fast suite
+def test_mlstm_trains_the_same_on_four_devices_and_one(tiny_flags, tmp_path):
+  """mlstm, whose carry holds a d x d memory per head beside h, n and m: its lanes' states
+  shard over 4 devices like any carry, and the run equals 1 device's (1e-5)."""
+  config = {"model": {"cell": "mlstm", "num_heads": 2, "hidden_size": 8, "dropout": 0.1},
+            "train": {"steps": 8, "ckpt_every": 4, "eval_lanes": 4}}
+  for n in (4, 1):
+    proc = run_script("train.py", *tiny_flags(tmp_path / str(n), **config), devices=n)
+    assert proc.returncode == 0, proc.stderr
+  np.testing.assert_allclose(losses(tmp_path / "4"), losses(tmp_path / "1"), rtol=1e-5)
+
+
 def test_indivisible_batch_is_refused_with_nearest_sizes(tiny_flags, tmp_path):
   """Batch 6 on 4 devices: exit 2 before compiling, suggesting 4 or 8."""
   proc = run_script("train.py", *train_flags(tiny_flags, tmp_path / "run", 5, batch_size=6),

@@ -80,6 +80,7 @@ def test_sample_prints_only_the_texts(tiny_flags, script, tmp_path):
   assert seeded[0] == seeded[1] != seeded[2]
 
 
+@pytest.mark.slow  # two training runs for a drawing; the tutorial test draws a plot too
 def test_plot_draws_two_runs_and_refuses_an_empty_workdir(tiny_flags, script, tmp_path):
   """plot.py: a real PNG for two tiny runs; a workdir without metrics is a clear error."""
   runs = [tmp_path / "a", tmp_path / "b"]
