@@ -19,7 +19,8 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,19 @@ def _silence_closed_loop_errors() -> None:
   sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
 
 
+def _listed(list_steps: Callable[[], Any], where: Any) -> Any:
+  """`list_steps()` (a manager built or reloaded), tried again while a run training in the
+  workdir rotates a step away between orbax's listing of the step directories and its stat of
+  one (a FileNotFoundError)."""
+  for _ in range(5):
+    try:
+      return list_steps()
+    except FileNotFoundError:
+      time.sleep(0.2)
+  raise UserError(f"the checkpoints in {where} kept changing while they were listed (a run is "
+                  "saving there); try again")
+
+
 def _first_readable(mngr: ocp.CheckpointManager, step: int | str, args: Any) -> dict[str, Any]:
   """Restores `args` from the newest readable candidate step, reporting each damaged one.
 
@@ -154,7 +168,7 @@ def _first_readable(mngr: ocp.CheckpointManager, step: int | str, args: Any) -> 
       return restored
     if not vanished:
       break
-    mngr.reload()
+    _listed(mngr.reload, mngr.directory)
   raise UserError(f"no readable checkpoint in {mngr.directory} (tried steps {candidates}); if a "
                   "run is training in this workdir, try again once it has saved, else train "
                   "afresh in a new --workdir")
@@ -241,7 +255,7 @@ def load_run(workdir: str | os.PathLike, step: int | str = "latest"
   """
   if not pathlib.Path(workdir, "checkpoints").is_dir():
     raise UserError(f"no checkpoints in {workdir}: not a jaxrnn workdir, or it never saved one")
-  mngr = manager(workdir)
+  mngr = _listed(lambda: manager(workdir), workdir)
   restored = _first_readable(mngr, step, ocp.args.Composite(
       state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   config, vocab = config_and_vocab(restored["meta"])

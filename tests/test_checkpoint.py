@@ -264,6 +264,7 @@ def test_classifier_resume_is_bitwise_identical(tiny_classify_config, tmp_path):
   assert train_losses(straight) == train_losses(resumed)
 
 
+@pytest.mark.slow  # two training runs
 def test_a_checkpoint_from_before_newer_fields_restores_and_resumes(ckpt_config, tmp_path):
   """A checkpoint whose saved config predates fields (task, model.impl, compute_dtype,
   embed_scale) reads their defaults: it evaluates, and it resumes to the same params as a run
@@ -367,3 +368,19 @@ def test_a_full_disk_during_a_save_is_one_error_and_keeps_older_checkpoints(ckpt
   with pytest.raises(UserError, match="could not write the checkpoint at step 10 .*free space"):
     train.train_and_evaluate(ckpt_config(10), str(workdir))
   assert checkpoint.manager(workdir).all_steps() == [5]
+
+
+def test_listing_steps_that_a_run_rotates_away_is_tried_again():
+  """A step directory that vanishes while orbax lists them (a FileNotFoundError, as a run
+  still training rotates it away) is listed again; if it keeps changing, try again later."""
+  calls = []
+
+  def flaky():
+    calls.append(1)
+    if len(calls) < 3:
+      raise FileNotFoundError("checkpoints/55")
+    return "manager"
+
+  assert checkpoint._listed(flaky, "runs/x") == "manager" and len(calls) == 3
+  with pytest.raises(UserError, match="kept changing while they were listed.*try again"):
+    checkpoint._listed(lambda: (_ for _ in ()).throw(FileNotFoundError("55")), "runs/x")

@@ -198,6 +198,7 @@ def test_without_the_extension_auto_runs_xla_and_onednn_is_refused(tiny_config, 
   assert np.isfinite(result["val_loss"])
 
 
+@pytest.mark.slow  # three runs; the impls' equality tests stay fast
 @needs_onednn
 def test_a_run_changes_impl_between_training_resuming_and_evaluating(tiny_config, tmp_path):
   """Trained with onednn, resumed with scan (and the other way round), evaluated with each: the
@@ -220,6 +221,7 @@ def test_a_run_changes_impl_between_training_resuming_and_evaluating(tiny_config
   np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
 
 
+@pytest.mark.slow  # two subprocess runs; the kernel = XLA tests and test_four_devices_match_one stay fast
 @needs_onednn
 def test_onednn_four_devices_match_one(tiny_flags, tmp_path):
   """Under pmap the kernel runs once per device, each on its block of lanes: 4 simulated

@@ -119,6 +119,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # three processes started; test_four_devices_match_one stays fast
 def test_two_processes_match_one_process_with_four_devices(tiny_flags, four_and_one, tmp_path):
   """2 processes x 2 CPU devices (jax.distributed, gloo) train like 1 process x 4 devices."""
   workdir = tmp_path / "run"

@@ -66,11 +66,9 @@ def test_empty_corpus_is_a_one_line_error(tiny_flags, script, tmp_path):
   assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_sample_prints_only_the_texts(tiny_flags, script, tmp_path):
+def test_sample_prints_only_the_texts(trained, script):
   """sample.py: stdout holds the samples (prefix first) separated by blank lines, nothing else."""
-  workdir = tmp_path / "run"
-  assert script("train.py", *tiny_run(tiny_flags, workdir)).returncode == 0
-  args = [f"--workdir={workdir}", "--prefix=the q", "--length=30", "--num_samples=2"]
+  args = [f"--workdir={trained}", "--prefix=the q", "--length=30", "--num_samples=2"]
   greedy = script("sample.py", *args, "--temperature=0")
   assert greedy.returncode == 0, greedy.stderr
   first, second = greedy.stdout.rstrip("\n").split("\n\n")
@@ -95,6 +93,7 @@ def test_plot_draws_two_runs_and_refuses_an_empty_workdir(tiny_flags, script, tm
   assert bad.returncode == 2 and "no metrics" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # the classifier's script run end to end; tests/test_tasks_classify.py stays fast
 def test_classify_config_trains_and_eval_reads_the_test_split(script, tmp_path):
   """configs/classify_rt.py (shrunk): the last stdout line has val_accuracy; validation rows have
   accuracy and loss and no test rows are written; eval.py --split test prints accuracy and
