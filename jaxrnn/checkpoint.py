@@ -39,7 +39,10 @@ FROZEN_FIELDS = ("task", "model.cell", "model.hidden_size", "model.num_layers", 
 
 
 def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
-  """The run's checkpoint manager: keeps the `keep` latest steps plus the best by val loss."""
+  """The run's checkpoint manager: keeps the `keep` latest steps plus the best by val loss.
+
+  Safe to build beside a run training in the same workdir (see `_listed`).
+  """
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=keep),
       checkpoint_managers.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
@@ -49,8 +52,9 @@ def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
       preservation_policy=policy, best_fn=lambda m: m["val_loss"], best_mode="min",
       # Synchronous: the next train step donates the state's buffers.
       enable_async_checkpointing=False)
-  return ocp.CheckpointManager(pathlib.Path(workdir).resolve() / "checkpoints", options=options,
-                               item_names=("state", "meta"))
+  directory = pathlib.Path(workdir).resolve() / "checkpoints"
+  return _listed(lambda: ocp.CheckpointManager(directory, options=options,
+                                               item_names=("state", "meta")), directory)
 
 
 def _saved_form(state: Any, carry: Any) -> dict[str, Any]:
@@ -255,7 +259,7 @@ def load_run(workdir: str | os.PathLike, step: int | str = "latest"
   """
   if not pathlib.Path(workdir, "checkpoints").is_dir():
     raise UserError(f"no checkpoints in {workdir}: not a jaxrnn workdir, or it never saved one")
-  mngr = _listed(lambda: manager(workdir), workdir)
+  mngr = manager(workdir)
   restored = _first_readable(mngr, step, ocp.args.Composite(
       state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   config, vocab = config_and_vocab(restored["meta"])
