@@ -410,7 +410,7 @@ def slstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
     dh = h // num_heads
     # The authors' default biases ("powerlaw_blockdependent", first block): 0, except the
     # forget gate's, from 5 down to -7 across each head, so some units remember for long.
-    f_bias = -(-5.0 + 12.0 * (jnp.arange(dh) / max(dh - 1, 1)) ** 0.3)
+    f_bias = -(-5.0 + 12.0 * (jnp.arange(dh, dtype=jnp.float32) / max(dh - 1, 1)) ** 0.3)
     b = jnp.zeros((4, num_heads, dh), jnp.float32).at[1].set(f_bias).reshape(-1)
     return {"w_ih": _init_input(k, d, h, 4)["w_ih"], "b": b,
             "w_hh": _uniform(k_hh, (num_heads, dh, 4 * dh), h)}
