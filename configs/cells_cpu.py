@@ -10,8 +10,8 @@
   python scripts/train.py --config configs/cells_cpu.py --workdir runs/cells_mlstm \
       --config.model.cell=mlstm --config.model.hidden_size=424 --config.model.num_heads=4
 
-The widths give 874,881 (lstm 256), 871,209 (gru 296), 873,713 (rglru 496), 863,457 (slstm
-352) and 866,745 (mlstm 424) parameters with the 64-wide embedding; every run takes the same
+The widths give 875,202 (lstm 256), 871,570 (gru 296), 874,274 (rglru 496), 863,874 (slstm
+352) and 867,234 (mlstm 424) parameters with the 64-wide embedding; every run takes the same
 800 steps of 32 x 128 characters (3.3M tokens, about 3.3 epochs) with the same optimizer, and
 is validated once, at the end. The README's cell table was measured with these commands.
 """

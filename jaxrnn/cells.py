@@ -456,7 +456,7 @@ def mlstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
   dtype = _dtype(compute_dtype)
 
   def init(key, d, h):
-    k_ih, k_b, k_i = jax.random.split(key, 3)
+    k_ih, _, k_i = jax.random.split(key, 3)  # three keys as before: the same init
     params = _init_input(k_ih, d, h, 4)
     # The authors' gate init (mLSTMCell.reset_parameters): input and forget gates start from
     # the bias alone, i ~ N(0, 0.1) and f spaced from 3 to 6 over the heads (a long memory).

@@ -83,7 +83,6 @@ RULES: dict[str, Rule] = {
     "train.schedule": _one_of(SCHEDULES),
     "train.devices": (_at_least(0)[0], ">= 0 (0: all local devices)"),
     "train.log_every": _at_least(1),
-    "train.tensorboard": _one_of((None, True, False)),
     "train.eval_every": (_at_least(0)[0], ">= 0 (0: only at the end)"),
     "train.ckpt_every": _at_least(1),
     "train.keep": _at_least(1),
@@ -123,10 +122,10 @@ def validate(config: Config) -> None:
   cell = cells.from_config(model_config)  # the cell's own options: nonlinearity, forget_bias, ...
   layers.check(cell, model_config.impl)  # a kernel that cannot run this cell, or not here
   heads = model_config.num_heads
-  if "num_heads" in cells.takes(model_config.cell) and any(
-      size % heads for size in model.layer_sizes(model_config)):
+  sizes = model.layer_sizes(model_config)
+  if "num_heads" in cells.takes(model_config.cell) and any(size % heads for size in sizes):
     raise UserError(f"model.num_heads={heads} must divide every layer's width "
-                    f"({', '.join(map(str, sorted(set(model.layer_sizes(model_config)))))}: "
+                    f"({', '.join(map(str, sorted(set(sizes))))}: "
                     "model.hidden_size, and model.embed_dim for a tied last layer)")
   if not model_config.one_hot and model_config.embed_dim < 1:
     _fail("model.embed_dim", model_config.embed_dim, ">= 1 (or set model.one_hot=True)")

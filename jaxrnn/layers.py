@@ -1,7 +1,8 @@
 """Running cells over time: the recurrences, stacks, bidirectional layers, dropout.
 
-This is the only module that loops over time, and `resolve` is the one place that chooses how
-a cell runs for a given `model.impl`: a whole-layer kernel (`jaxrnn.kernels`) or one of the
+This module runs cells over time (a cell's own `parallel` form, which takes a whole sequence,
+is the one loop over time elsewhere), and `resolve` is the one place that chooses how a cell
+runs for a given `model.impl`: a whole-layer kernel (`jaxrnn.kernels`) or one of the
 XLA recurrences (`recurrence`). Public functions take batch-major arrays (xs<float>[b, t, d]);
 inside, the XLA recurrences run time-major ([t, b, ...]). Nothing here names a cell's
 parameters: a cell declares the structure a faster recurrence needs (`Cell`).
