@@ -2,7 +2,10 @@
 into one line on stderr (`error: ...`, exit status 2) instead of a traceback."""
 
 import functools
+import importlib.util
+import pathlib
 import sys
+import traceback
 from typing import Callable, NoReturn
 
 from absl import app, flags
@@ -41,8 +44,53 @@ def define_config(default_path: str) -> flags.FlagHolder:
           "every field")
 
 
+def _config_path(argv: list[str]) -> str | None:
+  """The value of `--config` in argv (`--config=x` or `--config x`), if given."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def check_config_file(spec: str) -> None:
+  """Loads `--config` file[:argument] as ml_collections will, saying in one line what is wrong
+  with it: a missing file, a syntax error (with its line), an error while it runs, no
+  get_config(), or a get_config() that returns no ConfigDict."""
+  import ml_collections
+  path, *argument = spec.split(":", 1)
+  where = pathlib.Path(path)
+  if not where.is_file():
+    listed = ", ".join(sorted(p.name for p in pathlib.Path("configs").glob("[!_]*.py")))
+    _fail(f"--config {path}: no such file" + (f" (configs/ holds {listed})" if listed else ""))
+  module_spec = importlib.util.spec_from_file_location(f"_jaxrnn_config_{where.stem}", where)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    _fail(f"--config {path}, line {e.lineno}: {e.msg}")
+  except Exception as e:  # the config file's own code failed
+    line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                 if f.filename == str(where)), "?")
+    _fail(f"--config {path}, line {line}: {type(e).__name__}: {e}")
+  if not callable(getattr(module, "get_config", None)):
+    _fail(f"--config {path} has no get_config() function; a config file defines one that "
+          "returns an ml_collections.ConfigDict (see configs/default.py)")
+  try:
+    config = module.get_config(*argument)
+  except Exception as e:
+    _fail(f"--config {path}: get_config() failed: {type(e).__name__}: {e}")
+  if not isinstance(config, ml_collections.ConfigDict):
+    _fail(f"--config {path}: get_config() returned {type(config).__name__}, not an "
+          "ml_collections.ConfigDict (see configs/default.py)")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad flag or config override reported in one line."""
+  """absl's flag parsing, with a bad flag, config file or config override reported in one
+  line."""
+  if (spec := _config_path(argv)) is not None:
+    check_config_file(spec)
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

@@ -2,57 +2,74 @@
 
   python scripts/plot.py --workdir runs/lstm runs/gru --out docs/curves.png
 
-Validation perplexity and training loss, each against step and against wall time; runs are
-labelled by cell and size from their config.json.
+The validation figure of the runs' task (perplexity for a language model, accuracy for a
+classifier) and the training loss, each against step and against wall time; runs are
+labelled by cell and size from their config.json. Needs matplotlib (the [plot] extra).
 """
 
 import json
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from jaxrnn import metrics
+from jaxrnn import UserError, cli, metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir; more may follow as arguments.",
                                required=True)
 _OUT = flags.DEFINE_string("out", "curves.png", "Where to write the PNG.")
 
+# The validation figure plotted for each task, and its axis label.
+VAL_FIGURE = {"lm": ("perplexity", "validation perplexity"),
+              "classify": ("accuracy", "validation accuracy")}
 
-def _label(workdir: pathlib.Path) -> str:
-  config = json.loads((workdir / "config.json").read_text())["model"]
-  return f"{config['cell']} {config['num_layers']}x{config['hidden_size']} ({workdir.name})"
+
+def _config(workdir: pathlib.Path) -> dict:
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise UserError(f"no config.json in {workdir}: not a jaxrnn workdir")
+  return json.loads(path.read_text())
+
+
+def _label(config: dict, workdir: pathlib.Path) -> str:
+  model = config["model"]
+  return f"{model['cell']} {model['num_layers']}x{model['hidden_size']} ({workdir.name})"
 
 
 def _rows(workdir: pathlib.Path) -> list[dict]:
   path = workdir / "metrics.jsonl"
   rows = metrics.read_rows(path)[0] if path.is_file() else []
   if not rows:
-    raise ValueError(f"no metrics in {workdir}: expected {path} from scripts/train.py")
+    raise UserError(f"no metrics in {workdir}: expected {path} from scripts/train.py")
   return rows
 
 
 def main(argv: list[str]) -> None:
-  import matplotlib  # the [plot] extra
+  workdirs = [pathlib.Path(w) for w in [_WORKDIR.value, *argv[1:]]]
+  runs, task_names = {}, set()
+  for w in workdirs:
+    rows = _rows(w)  # first: a workdir without metrics is the error to report
+    config = _config(w)
+    task_names.add(config.get("task", "lm"))
+    runs[_label(config, w)] = rows
+  if len(task_names) > 1:
+    raise UserError(f"the runs are of different tasks ({', '.join(sorted(task_names))}): plot "
+                    "each task's runs separately")
+  try:
+    import matplotlib
+  except ImportError:
+    raise UserError("scripts/plot.py needs matplotlib: pip install -e '.[plot]'") from None
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
-  workdirs = [pathlib.Path(w) for w in [_WORKDIR.value, *argv[1:]]]
-  try:
-    runs = {}
-    for w in workdirs:
-      rows = _rows(w)  # first: a workdir without metrics is the error to report
-      runs[_label(w)] = rows
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  val_key, val_label = VAL_FIGURE[task_names.pop()]
   fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharey="row")
   for label, rows in runs.items():
-    for row_axes, split, key in ((axes[0], "val", "perplexity"), (axes[1], "train", "loss")):
-      picked = [r for r in rows if r["split"] == split]
+    for row_axes, split, key in ((axes[0], "val", val_key), (axes[1], "train", "loss")):
+      picked = [r for r in rows if r["split"] == split and isinstance(r.get(key), (int, float))]
       for ax, x in zip(row_axes, ("step", "elapsed_s")):
         ax.plot([r.get(x, 0.0) for r in picked], [r[key] for r in picked], label=label)
-  for row_axes, name in zip(axes, ("validation perplexity", "training loss (nats/char)")):
+  for row_axes, name in zip(axes, (val_label, "training loss (nats)")):
     row_axes[0].set_ylabel(name)
     row_axes[0].set_xlabel("step")
     row_axes[1].set_xlabel("wall time (s)")
@@ -63,4 +80,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
