@@ -87,6 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 250  # steps between whole-split validations; 0: only at the end
   config.train.ckpt_every = 250  # steps between checkpoints (also saved at the end and on SIGTERM)
   config.train.keep = 3  # latest checkpoints kept, besides the best by validation loss
+  # The checkpoint a run resumes from: "latest", "best" or a step number. Not the latest: the
+  # steps after it move to <workdir>/damaged/ (once: the same command then resumes its own saves)
+  config.train.resume_step = "latest"
   config.train.eval_lanes = 16  # lm: contiguous lanes evaluated side by side; classify: batch rows
   config.train.eval_chunk = 256  # columns per evaluation step
   return config

@@ -3,16 +3,19 @@
 `<workdir>/checkpoints/<step>/` holds two items:
   state  the train state (its PRNG key as raw key data), the carried hidden state of every
          training lane, and the data iterator's position;
-  meta   JSON: the config, the vocabulary, the step and the validation history NT-ASGD reads,
-         so a run restores from its workdir alone.
+  meta   JSON: the config, the vocabulary, the step and the run's history (`HISTORY`: its
+         validation rows, the validation losses NT-ASGD reads, the divergence guard's running
+         level), so a run restores and continues from its workdir alone.
 Orbax writes each checkpoint into a temporary directory and renames it once complete, so a
 crash mid-save never leaves a partial checkpoint behind as the latest one. `resume` continues
 a run in its workdir; `load_run` reads a run back for evaluation and sampling.
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -25,10 +28,11 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxrnn import UserError, cells, config as config_lib, data, layers
+from jaxrnn import UserError, cells, config as config_lib, data, kernels, layers
 
 # Config fields that change the shape of the params, the optimizer state or the carried state,
 # or what the saved data position (batches drawn) points at: a resumed run must keep them.
@@ -36,6 +40,18 @@ FROZEN_FIELDS = ("task", "model.cell", "model.hidden_size", "model.num_layers", 
                  "model.one_hot", "model.bidirectional", "model.num_classes", "data.corpus",
                  "data.tokens", "data.batch_size", "data.seq_len", "train.optimizer",
                  "model.tie_embedding", "train.asgd_patience")
+HISTORY = ("val_rows", "val_losses", "guard")  # meta lists a resumed run continues
+
+
+class _NoMetricsNote(logging.Filter):
+  """Drops orbax's "Requested `tracked_metric`; did not provide metrics" warning: a checkpoint
+  saved without a validation (ckpt_every off the eval_every grid) is meant to have none."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMetricsNote())
 
 
 def manager(workdir: str | os.PathLike, keep: int = 3) -> ocp.CheckpointManager:
@@ -62,27 +78,48 @@ def _saved_form(state: Any, carry: Any) -> dict[str, Any]:
   return {"train": state.replace(rng=jax.random.key_data(state.rng)), "carry": carry}
 
 
-def save(mngr: ocp.CheckpointManager, state: Any, carry: Any, position: int, config: Any,
-         vocab: data.Vocab, val_loss: float | None = None,
-         val_losses: list[float] | None = None) -> None:
-  """Saves a checkpoint at `state.step`; `val_loss` (if measured at this step) ranks the best.
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+  """A checkpoint's contents as host copies, taken at its step and written later (`write`)."""
+  step: int
+  arrays: Any
+  meta: dict[str, Any]
+  val_loss: float | None
 
-  `val_losses`: the validation history NT-ASGD's trigger reads (`train.nt_trigger`).
-  """
+
+def snapshot(state: Any, carry: Any, position: int, config: Any, vocab: data.Vocab,
+             val_loss: float | None = None, history: dict[str, Any] | None = None) -> Snapshot:
+  """The checkpoint of `state.step`, copied to the host now (the next train step may donate
+  the state's buffers). `val_loss` (if measured at this step) ranks the best; `history` is the
+  run's record that resuming needs besides the state (`RunHistory` fields: the validation
+  rows, NT-ASGD's validation losses, the guard's running level)."""
   step = int(state.step)
   meta = {"step": step, "position": position, "config": json.loads(config.to_json()),
-          "vocab": json.loads(vocab.to_json()), "val_losses": list(val_losses or [])}
-  arrays = jax.device_get(_saved_form(state, carry))  # host copies: orbax writes them from process 0
+          "vocab": json.loads(vocab.to_json()), **(history or {})}
+  arrays = jax.tree.map(lambda x: np.array(x, copy=True),
+                        jax.device_get(_saved_form(state, carry)))
+  return Snapshot(step, arrays, meta, val_loss)
+
+
+def write(mngr: ocp.CheckpointManager, snap: Snapshot) -> None:
+  """Writes a snapshot as the checkpoint of its step (orbax writes from process 0)."""
   try:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                            meta=ocp.args.JsonSave(meta)),
-              metrics=None if val_loss is None else {"val_loss": val_loss}, force=True)
+    mngr.save(snap.step, args=ocp.args.Composite(state=ocp.args.StandardSave(snap.arrays),
+                                                 meta=ocp.args.JsonSave(snap.meta)),
+              metrics=None if snap.val_loss is None else {"val_loss": snap.val_loss}, force=True)
   except Exception as e:  # orbax wraps the OSError of a full or read-only disk in other types
     if not _caused_by_os_error(e):
       raise
-    raise UserError(f"could not write the checkpoint at step {step} in {mngr.directory} ({e}); "
-                    "the checkpoints before it are intact: free space (or fix permissions) and "
-                    "run the same command again") from None
+    raise UserError(f"could not write the checkpoint at step {snap.step} in {mngr.directory} "
+                    f"({e}); the checkpoints before it are intact: free space (or fix "
+                    "permissions) and run the same command again") from None
+
+
+def save(mngr: ocp.CheckpointManager, state: Any, carry: Any, position: int, config: Any,
+         vocab: data.Vocab, val_loss: float | None = None,
+         history: dict[str, Any] | None = None) -> None:
+  """`write(mngr, snapshot(...))`: saves a checkpoint at `state.step` now."""
+  write(mngr, snapshot(state, carry, position, config, vocab, val_loss, history))
 
 
 def _caused_by_os_error(e: BaseException | None) -> bool:
@@ -97,15 +134,20 @@ def _warn(message: str) -> None:
   print(message, file=sys.stderr)
 
 
-def _candidates(mngr: ocp.CheckpointManager, step: int | str) -> list[int]:
-  """Steps to try, newest first: all of them for 'latest', just one for 'best' or a number."""
+def _candidates(mngr: ocp.CheckpointManager, step: int | str, flag: str = "--step") -> list[int]:
+  """Steps to try, newest first: all of them for 'latest', just one for 'best' or a number.
+
+  `flag`: how the user asked for `step`, for the errors."""
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
     raise UserError(f"no checkpoint in {mngr.directory}; train first, or check --workdir")
   if step == "latest":
     return steps
   if step != "best" and not str(step).isdigit():
-    raise UserError(f"--step must be a step number, 'best' or 'latest', got {step!r}")
+    raise UserError(f"{flag} must be a step number, 'best' or 'latest', got {step!r}")
+  if step == "best" and mngr.best_step() is None:
+    raise UserError(f"no checkpoint in {mngr.directory} has been validated yet, so none is the "
+                    f"best; use {flag} latest (or a step number: saved steps {steps})")
   wanted = mngr.best_step() if step == "best" else int(step)
   if wanted not in steps:
     raise UserError(f"no checkpoint for step {step} in {mngr.directory}; saved steps: {steps}")
@@ -149,7 +191,8 @@ def _listed(list_steps: Callable[[], Any], where: Any) -> Any:
                   "saving there); try again")
 
 
-def _first_readable(mngr: ocp.CheckpointManager, step: int | str, args: Any) -> dict[str, Any]:
+def _first_readable(mngr: ocp.CheckpointManager, step: int | str, args: Any,
+                    flag: str = "--step") -> dict[str, Any]:
   """Restores `args` from the newest readable candidate step, reporting each damaged one.
 
   A step that disappears while being read was rotated away by a run still training in this
@@ -157,7 +200,7 @@ def _first_readable(mngr: ocp.CheckpointManager, step: int | str, args: Any) -> 
   """
   _silence_closed_loop_errors()  # before the first try: a failing one prints while it fails
   for _ in range(3):
-    candidates, vanished = _candidates(mngr, step), False
+    candidates, vanished = _candidates(mngr, step, flag), False
     for s in candidates:
       try:
         restored = mngr.restore(s, args=args)
@@ -178,9 +221,9 @@ def _first_readable(mngr: ocp.CheckpointManager, step: int | str, args: Any) -> 
                   "afresh in a new --workdir")
 
 
-def _move_aside_newer(mngr: ocp.CheckpointManager, step: int) -> None:
-  """Moves the (unreadable) step directories newer than `step` into <workdir>/damaged/, so
-  that training can write those steps again; says where each went."""
+def _move_aside_newer(mngr: ocp.CheckpointManager, step: int, why: str) -> None:
+  """Moves the step directories newer than `step` into <workdir>/damaged/, so that training
+  can write those steps again; says where each went, and `why`."""
   directory = pathlib.Path(mngr.directory)
   for newer in sorted(s for s in mngr.all_steps() if s > step):
     target = directory.parent / "damaged" / str(newer)
@@ -188,12 +231,12 @@ def _move_aside_newer(mngr: ocp.CheckpointManager, step: int) -> None:
       target = target.with_name(target.name + "+")
     target.parent.mkdir(exist_ok=True)
     os.replace(directory / str(newer), target)
-    _warn(f"moved the unreadable checkpoint at step {newer} to {target}")
+    _warn(f"moved the {why} checkpoint at step {newer} to {target}")
   mngr.reload()
 
 
-def restore(mngr: ocp.CheckpointManager, state: Any, carry: Any,
-            step: int | str = "latest") -> tuple[Any, Any, dict[str, Any]]:
+def restore(mngr: ocp.CheckpointManager, state: Any, carry: Any, step: int | str = "latest",
+            flag: str = "--step") -> tuple[Any, Any, dict[str, Any]]:
   """(state, carry, meta) of a checkpoint, shaped like `state` and `carry` (arrays or abstract).
 
   With step 'latest', an unreadable checkpoint (truncated or corrupt files) is reported and
@@ -201,15 +244,17 @@ def restore(mngr: ocp.CheckpointManager, state: Any, carry: Any,
   """
   template = jax.eval_shape(_saved_form, state, carry)
   restored = _first_readable(mngr, step, ocp.args.Composite(
-      state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+      state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()), flag)
   saved = restored["state"]
   train = saved["train"].replace(rng=jax.random.wrap_key_data(saved["train"].rng))
   return train, saved["carry"], restored["meta"]
 
 
-def read_meta(mngr: ocp.CheckpointManager, step: int | str = "latest") -> dict[str, Any]:
-  """The JSON item (step, position, config, vocab) of a checkpoint."""
-  return _first_readable(mngr, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+def read_meta(mngr: ocp.CheckpointManager, step: int | str = "latest",
+              flag: str = "--step") -> dict[str, Any]:
+  """The JSON item (step, position, config, vocab, history) of a checkpoint."""
+  return _first_readable(mngr, step, ocp.args.Composite(meta=ocp.args.JsonRestore()),
+                         flag)["meta"]
 
 
 def config_and_vocab(meta: dict[str, Any]) -> tuple[ml_collections.ConfigDict, data.Vocab]:
@@ -228,25 +273,34 @@ def check_compatible(saved: ml_collections.ConfigDict, config: Any) -> None:
 
 
 def resume(mngr: ocp.CheckpointManager, state: Any, carry: Any, config: Any,
-           vocab: data.Vocab) -> tuple[Any, Any, int, list[float]]:
-  """(state, carry, data position, validation history) of the latest readable checkpoint; the
-  inputs, 0 and [] if there is none.
+           vocab: data.Vocab) -> tuple[Any, Any, int, dict[str, list]]:
+  """(state, carry, data position, history) of the checkpoint to continue from; the inputs, 0
+  and an empty history if there is none. `history` has a list per HISTORY key.
 
-  Refuses a config or vocabulary the checkpoint was not trained with. Unreadable steps newer
-  than the one restored are moved aside (by the main process), so training can pass them.
+  That checkpoint is the latest readable one, or `train.resume_step` ('best' or a step number)
+  when the latest was not itself written by a run started from there: then the steps after
+  it are moved aside (into <workdir>/damaged/, by the main process), so that the run trains
+  past them, and later runs of the same command resume from the latest again. Refuses a
+  config or vocabulary the checkpoint was not trained with. Unreadable steps newer than the
+  one restored are moved aside too.
   """
   if mngr.latest_step() is None:
-    return state, carry, 0, []
-  saved_config, saved_vocab = config_and_vocab(read_meta(mngr))
-  check_compatible(saved_config, config)
+    return state, carry, 0, {key: [] for key in HISTORY}
+  flag = "train.resume_step"
+  latest_config, saved_vocab = config_and_vocab(read_meta(mngr, "latest", flag))
+  check_compatible(latest_config, config)
   if saved_vocab.tokens != vocab.tokens:
     raise UserError("the corpus' vocabulary differs from the one this workdir's checkpoint was "
                     "trained with; use the same corpus, or a new --workdir")
-  state, carry, meta = restore(mngr, state, carry)
+  wanted = config.train.resume_step
+  if latest_config.train.resume_step == wanted:
+    wanted = "latest"  # a run started from train.resume_step wrote the latest: go on from it
+  state, carry, meta = restore(mngr, state, carry, wanted, flag)
   if jax.process_index() == 0:
-    _move_aside_newer(mngr, meta["step"])
+    _move_aside_newer(mngr, meta["step"], "unreadable" if wanted == "latest" else
+                      f"newer (train.resume_step={wanted})")
   _warn(f"resuming from the checkpoint at step {meta['step']}")
-  return state, carry, meta["position"], list(meta.get("val_losses", []))
+  return state, carry, meta["position"], {key: list(meta.get(key, [])) for key in HISTORY}
 
 
 def load_run(workdir: str | os.PathLike, step: int | str = "latest"
@@ -255,7 +309,9 @@ def load_run(workdir: str | os.PathLike, step: int | str = "latest"
 
   The whole checkpoint is read (so damage anywhere in it is found, and with step 'latest' the
   next older one is tried), in the structure it was saved in; the params are returned, or
-  their NT-ASGD average once averaging has started (what the run evaluated).
+  their NT-ASGD average once averaging has started (what the run evaluated). Parameters that
+  are not all finite (a checkpoint of a run that diverged, written before the guard) are
+  refused in one line.
   """
   if not pathlib.Path(workdir, "checkpoints").is_dir():
     raise UserError(f"no checkpoints in {workdir}: not a jaxrnn workdir, or it never saved one")
@@ -263,22 +319,33 @@ def load_run(workdir: str | os.PathLike, step: int | str = "latest"
   restored = _first_readable(mngr, step, ocp.args.Composite(
       state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
   config, vocab = config_and_vocab(restored["meta"])
+  saved_step = restored["meta"]["step"]
   _impl_here(config)
   train = restored["state"]["train"]
   averaged = train["opt_state"] if config.train.asgd_patience > 0 else {}
   params = averaged["mean"] if averaged.get("count", 0) > 0 else train["params"]
+  if not all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params)):
+    older = sorted(s for s in mngr.all_steps() if s < saved_step)
+    raise UserError(f"the checkpoint at step {saved_step} in {mngr.directory} has non-finite "
+                    "parameters (its run diverged); "
+                    + (f"read an older one with --step (saved: {older})" if older else
+                       "no older checkpoint is saved: train again"))
   params = jax.tree.map(jnp.asarray, params)
-  return config, vocab, params, restored["meta"]["step"]
+  return config, vocab, params, saved_step
 
 
 def _impl_here(config: ml_collections.ConfigDict) -> None:
   """A saved model.impl this machine cannot run (cudnn trained on a GPU, read on a CPU; onednn
-  where the kernel is not built) becomes auto, with a note: the implementations agree to 1e-5."""
-  cell = cells.from_config(config.model)
+  where the kernel is not built) becomes auto, with one note: the implementations agree to
+  1e-5. A kernel missing here is said by `kernels.warn_fallback`, which auto then leaves unsaid."""
+  cell, impl = cells.from_config(config.model), config.model.impl
   try:
-    layers.check(cell, config.model.impl)
+    layers.check(cell, impl)
   except UserError as e:
-    print(f"note: {e}; running this checkpoint with model.impl=auto", file=sys.stderr)
+    if impl in kernels.LAYERS and kernels.unavailable(impl):
+      kernels.warn_fallback(impl)
+    else:
+      print(f"note: {e}; running this checkpoint with model.impl=auto", file=sys.stderr)
     config.model.impl = "auto"
 
 

@@ -18,8 +18,8 @@ from configs import default
 from jaxrnn import UserError, cells, data, layers, model, tasks
 
 Config = ml_collections.ConfigDict
-OPTIMIZERS = ("adam", "adamw", "sgd")  # built by train.make_optimizer
-SCHEDULES = ("constant", "cosine", "step")  # built by train.learning_rate
+OPTIMIZERS = ("adam", "adamw", "sgd")  # built by optim.make_optimizer
+SCHEDULES = ("constant", "cosine", "step")  # built by optim.learning_rate
 UNITS = ("steps", "epochs")
 EPOCH_FIELDS = ("steps", "warmup_steps", "eval_every", "ckpt_every")  # in train.unit
 TOKENS = ("char", "word")
@@ -86,6 +86,8 @@ RULES: dict[str, Rule] = {
     "train.eval_every": (_at_least(0)[0], ">= 0 (0: only at the end)"),
     "train.ckpt_every": _at_least(1),
     "train.keep": _at_least(1),
+    "train.resume_step": ((lambda v: v in ("latest", "best") or (isinstance(v, str) and v.isdigit())),
+                          "'latest', 'best' or a step number"),
     "train.eval_lanes": _at_least(1),
     "train.eval_chunk": _at_least(1),
 }

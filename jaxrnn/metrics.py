@@ -2,22 +2,42 @@
 
 One JSON object per line with `step`, `split` and `elapsed_s` (the run's wall time, summed
 over resumed sessions); train rows carry loss, grad_norm, lr and tokens_per_s, evaluation
-rows the task's figures. `Log` is the one place rows go: the JSONL file always, and the same
+rows the task's figures. Every JSON jaxrnn prints or writes is strict JSON (`dumps`): a
+figure that is not finite (a gradient norm that overflowed) is written as the string "inf",
+"-inf" or "nan", which Python's float() reads back. `Log` is the one place rows go: the JSONL file always, and the same
 numbers as TensorBoard scalars (`<split>/<figure>` against step) in event files beside it when
 tensorboardX is installed (`train.tensorboard`). Progress is a tqdm bar on a terminal and
 plain lines otherwise.
 """
 
+import contextlib
 import json
+import math
 import os
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from jaxrnn import UserError
 
 EVENTS = "events.out.tfevents.*"  # TensorBoard's event file names, in the workdir
+
+
+def finite_json(value: Any) -> Any:
+  """`value` with every float that is not finite replaced by its name ("inf", "-inf", "nan")."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  if isinstance(value, dict):
+    return {k: finite_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [finite_json(v) for v in value]
+  return value
+
+
+def dumps(value: Any) -> str:
+  """Strict JSON (`finite_json`): what every jaxrnn file and stdout line holds."""
+  return json.dumps(finite_json(value), allow_nan=False)
 
 
 def read_rows(path: pathlib.Path) -> tuple[list[dict[str, Any]], int]:
@@ -50,24 +70,65 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
           and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+@contextlib.contextmanager
+def _without_torch() -> Iterator[None]:
+  """Makes `import torch` fail inside, unless torch is imported already. tensorboardX imports
+  torch when it can (only to accept its tensors, which jaxrnn never passes), and torch would
+  bring its own OpenMP runtime into the training process (docs/speed.md: a run sharing its
+  cores then slowed 15-fold)."""
+  if "torch" in sys.modules:
+    yield
+    return
+  sys.modules["torch"] = None  # the import system's mark for "not importable"
+  try:
+    yield
+  finally:
+    del sys.modules["torch"]
+
+
+def _tensorboardx() -> Any:
+  """The tensorboardX module, imported without torch; None when it is not installed."""
+  try:
+    with _without_torch():
+      import tensorboardX  # the [tensorboard] extra: event files without TensorFlow
+  except ImportError:
+    return None
+  return tensorboardX
+
+
+def check_events(wanted: bool | None) -> None:
+  """Refuses `train.tensorboard=True` where tensorboardX is missing, before a run starts."""
+  if wanted and _tensorboardx() is None:
+    raise UserError("train.tensorboard=True needs tensorboardX: pip install -e '.[tensorboard]'"
+                    ", or set train.tensorboard=False")
+
+
 def open_events(workdir: pathlib.Path, wanted: bool | None) -> Any:
   """A tensorboardX SummaryWriter on `workdir`, its earlier event files removed (the caller
   writes the rows it keeps again), or None when TensorBoard is off (`wanted` False) or
   tensorboardX is missing and was not required (`wanted` None, said once on stderr)."""
   if wanted is False:
     return None
-  try:
-    import tensorboardX  # the [tensorboard] extra: event files without TensorFlow
-  except ImportError:
-    if wanted:
-      raise UserError("train.tensorboard=True needs tensorboardX: pip install -e '.[tensorboard]'"
-                      ", or set train.tensorboard=False") from None
+  check_events(wanted)
+  tensorboardx = _tensorboardx()
+  if tensorboardx is None:
     print("note: no TensorBoard curves (metrics.jsonl only): pip install -e '.[tensorboard]' to "
           "write them, or set train.tensorboard=False to silence this", file=sys.stderr)
     return None
   for old in workdir.glob(EVENTS):
     old.unlink()
-  return tensorboardX.SummaryWriter(str(workdir), flush_secs=10)
+  return tensorboardx.SummaryWriter(str(workdir), flush_secs=10)
+
+
+def _with_evaluations(rows: list[dict[str, Any]],
+                      evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """`rows` with each of `evaluations` that they lack put back in step order (after the train
+  row of its step)."""
+  have = {(r["step"], r["split"]) for r in rows}
+  lost = [r for r in evaluations if (r["step"], r["split"]) not in have]
+  if not lost:
+    return rows
+  return sorted(rows + lost, key=lambda r: (r["step"], r["split"] != "train"))
 
 
 class Log:
@@ -75,15 +136,17 @@ class Log:
   on every path.
 
   On resume, rows past the restored step (written after the last checkpoint) are dropped,
-  since those steps run again; the event files are written anew from the rows kept, so a
-  curve continues without a point twice. Only the main process of a multi-host run writes
+  since those steps run again, and evaluation rows up to it that the file lost (a line torn
+  by a crash) are written again from `evaluations`, the checkpoint's copy of them; the event
+  files are written anew from the rows kept, so a curve continues without a point twice. Only the main process of a multi-host run writes
   (`enabled`). `tensorboard`: `train.tensorboard` (None: when tensorboardX is installed).
   """
 
   def __init__(self, workdir: pathlib.Path, steps: int, resumed_at: int = 0, enabled: bool = True,
-               tensorboard: bool | None = None):
+               tensorboard: bool | None = None, evaluations: list[dict[str, Any]] = ()):
     self.path, self.steps, self.resumed_at, self.enabled = (
         pathlib.Path(workdir) / "metrics.jsonl", steps, resumed_at, enabled)
+    self.evaluations = list(evaluations)
     self.tensorboard = tensorboard
     self.file, self.bar, self.events = None, None, None
     self.start, self.elapsed_before = time.perf_counter(), 0.0
@@ -97,8 +160,9 @@ class Log:
       if dropped:
         print(f"note: dropped {dropped} unreadable line(s) of {self.path} (a write cut short)",
               file=sys.stderr)
-      kept = [r for r in rows if r["step"] <= self.resumed_at]
-      _write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+      kept = _with_evaluations([r for r in rows if r["step"] <= self.resumed_at],
+                               [r for r in self.evaluations if r["step"] <= self.resumed_at])
+      _write_atomically(self.path, "".join(dumps(r) + "\n" for r in kept))
       self.elapsed_before = max((r.get("elapsed_s", 0.0) for r in kept), default=0.0)
     self.file = open(self.path, "a")
     self.events = open_events(self.path.parent, self.tensorboard)
@@ -130,12 +194,12 @@ class Log:
     if self.enabled:
       (self.bar.write if self.bar else lambda s: print(s, file=sys.stderr))(text)
 
-  def write(self, row: dict[str, Any]) -> None:
-    """Appends one row (with `elapsed_s`) and shows it."""
-    if not self.enabled:
-      return
+  def write(self, row: dict[str, Any]) -> dict[str, Any]:
+    """Appends one row (with `elapsed_s`), shows it, and returns it as written."""
     row = {**row, "elapsed_s": round(self.elapsed_before + time.perf_counter() - self.start, 3)}
-    self.file.write(json.dumps(row) + "\n")
+    if not self.enabled:
+      return row
+    self.file.write(dumps(row) + "\n")
     self.file.flush()
     self._add_scalars(row)
     if row["split"] == "train" and self.bar is not None:
@@ -144,3 +208,4 @@ class Log:
     else:
       self.note(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in row.items()))
+    return row

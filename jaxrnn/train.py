@@ -1,10 +1,11 @@
-"""Training: the train state, the optimizer, one jit-compiled step, and the loop.
+"""Training: the train state, one jit-compiled step, and the loop.
 
 One loop serves every task (`jaxrnn/tasks/`, chosen by `config.task`): a task brings its data,
-parameters, carried state, loss and evaluator; this module brings the optimizer (global-norm
-clipping first), truncated BPTT with the carry passed from batch to batch, `parallel.pmap`
-over the devices, and when to log, evaluate and save. `config` is a whole jaxrnn config;
-functions that read one section say so (`train_config`).
+parameters, carried state, loss and evaluator; `optim.py` the optimizer chain; this module
+brings truncated BPTT with the carry passed from batch to batch, `parallel.pmap` over the
+devices, and when to log, evaluate and save (each checkpoint once `guard.py` has found its
+state sane). `config` is a whole jaxrnn config; functions that read one section say so
+(`train_config`).
 """
 
 import dataclasses
@@ -19,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrnn import UserError, checkpoint, config as config_lib, metrics, model, parallel, provenance
-from jaxrnn import tasks
+from jaxrnn import UserError, checkpoint, config as config_lib, guard, metrics, model, optim
+from jaxrnn import parallel, provenance, tasks
 
 Config = Any  # ml_collections.ConfigDict
 TRAIN_FIELDS = ("loss", "grad_norm", "lr")  # train_step's metrics, in metrics.jsonl's order
@@ -34,99 +35,6 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
-
-
-def learning_rate(train_config: Config, steps_per_epoch: int = 1) -> optax.Schedule:
-  """The schedule (`train.schedule`), in optimizer steps:
-    constant  lr, after an optional linear warmup from 0;
-    cosine    linear warmup, then cosine decay to 0 at the last step;
-    step      lr * decay_factor ** max(0, epoch + 1 - decay_after), epoch = step // steps_per_epoch
-              counted from 0: Zaremba et al. 2014's `lr_decay ** max(i + 1 - max_epoch, 0)`.
-  """
-  c = train_config
-  if c.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup_steps,
-                                              max(c.steps, c.warmup_steps + 1))
-  if c.schedule == "step":
-    def step_decay(step):
-      decays = jnp.maximum(0, step // steps_per_epoch + 1 - c.decay_after)
-      return c.lr * jnp.power(jnp.float32(c.decay_factor), decays)
-    return step_decay
-  if c.warmup_steps:
-    return optax.linear_schedule(0.0, c.lr, c.warmup_steps)
-  return optax.constant_schedule(c.lr)
-
-
-@flax.struct.dataclass
-class AveragedState:
-  """The optimizer state of `averaged`: the inner state and the running mean of the iterates.
-
-  count: -1 before averaging starts (`start_averaging`), then the number of iterates in `mean`.
-  """
-  inner: Any
-  count: jax.Array
-  mean: Any
-
-
-def averaged(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`inner`, keeping the mean of the parameters after each update once `start_averaging` has
-  started it: the averaged SGD of Polyak & Juditsky 1992 as NT-ASGD uses it (torch.optim.ASGD
-  with lambd=0, t0 at the trigger). The updates are `inner`'s, unchanged."""
-  def init(params):
-    # A copy: the mean must not share buffers with the params a donating step hands back.
-    return AveragedState(inner.init(params), jnp.full((), -1, jnp.int32),
-                         jax.tree.map(jnp.copy, params))
-
-  def update(grads, state, params):
-    updates, inner_state = inner.update(grads, state.inner, params)
-    new = optax.apply_updates(params, updates)
-    count = jnp.maximum(state.count + 1, 1)  # 1 before averaging starts: no division by 0
-    mean = jax.tree.map(lambda m, p: jnp.where(count == 1, p, m + (p - m) / count), state.mean, new)
-    started = state.count >= 0
-    return updates, AveragedState(
-        inner_state, jnp.where(started, state.count + 1, state.count),
-        jax.tree.map(lambda m, old: jnp.where(started, m, old), mean, state.mean))
-
-  return optax.GradientTransformation(init, update)
-
-
-def start_averaging(state: TrainState, devs: parallel.Devices | None = None) -> TrainState:
-  """The state with averaging started: the next update's parameters are the mean's first iterate.
-
-  `devs`: the devices a replicated state lives on (None: the state is not replicated).
-  """
-  zero = jnp.zeros((), jnp.int32)
-  return state.replace(opt_state=state.opt_state.replace(
-      count=zero if devs is None else parallel.replicate(zero, devs)))
-
-
-def nt_trigger(val_losses: list[float], loss: float, patience: int) -> bool:
-  """NT-ASGD's non-monotone trigger (Merity et al. 2018, `main.py`): `loss` is worse than the
-  best of the earlier validations `val_losses` other than the last `patience` of them."""
-  return len(val_losses) > patience and loss > min(val_losses[:-patience])
-
-
-def eval_params(state: TrainState) -> Any:
-  """The parameters to evaluate and report: the average once averaging has started."""
-  opt_state = state.opt_state
-  if isinstance(opt_state, AveragedState) and int(opt_state.count) > 0:
-    return opt_state.mean
-  return state.params
-
-
-def make_optimizer(train_config: Config, steps_per_epoch: int = 1) -> optax.GradientTransformation:
-  """Global-norm clipping first, then adam / adamw / sgd (`config.OPTIMIZERS`) on the schedule;
-  all of it `averaged` when `train.asgd_patience` > 0."""
-  lr = learning_rate(train_config, steps_per_epoch)
-  optimizers = {
-      "adam": lambda: optax.adam(lr),
-      "adamw": lambda: optax.adamw(lr, weight_decay=train_config.weight_decay),
-      "sgd": lambda: optax.sgd(lr),
-  }
-  clip_norm = train_config.clip_norm
-  clip = optax.clip_by_global_norm(clip_norm) if clip_norm > 0 else optax.identity()
-  tx = optax.chain(clip, optimizers[train_config.optimizer]())
-  return averaged(tx) if train_config.asgd_patience > 0 else tx
 
 
 def create_train_state(config: Config, vocab_size: int,
@@ -171,7 +79,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, co
   params = optax.apply_updates(state.params, updates)
   params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
   step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                  "lr": learning_rate(config.train, steps_per_epoch)(state.step), "params_finite": params_finite}
+                  "lr": optim.learning_rate(config.train, steps_per_epoch)(state.step),
+                  "params_finite": params_finite}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, new_carry, step_metrics
 
@@ -217,34 +126,24 @@ def due(step: int, train_config: Config, preempted: bool = False) -> Due:
              save=last or preempted or every(train_config.ckpt_every))
 
 
-def _diverged(what: str, train_config: Config) -> UserError:
-  return UserError(f"{what}; nothing after the last checkpoint was saved: lower train.lr (now "
-                   f"{train_config.lr}) or train.clip_norm (now {train_config.clip_norm}) and "
-                   "run again to resume from it")
+def diverged(what: str, train_config: Config, saved: list[int]) -> guard.Diverged:
+  """The guard's error: what diverged, the checkpoints there are, and how to go on."""
+  c = train_config
+  fix = (f"turn gradient clipping on (--config.train.clip_norm=1.0; 0 is off) or lower "
+         f"--config.train.lr (now {c.lr})" if c.clip_norm == 0 else
+         f"lower --config.train.lr (now {c.lr}) or --config.train.clip_norm (now {c.clip_norm})")
+  if not saved:
+    return guard.Diverged(f"{what}; no checkpoint was saved before it: {fix} and run again")
+  earlier = (f" (or add --config.train.resume_step=N to resume from an earlier step N of "
+             f"{', '.join(map(str, saved[:-1]))})" if len(saved) > 1 else "")
+  return guard.Diverged(f"{what}; nothing after the checkpoint of step {saved[-1]} was saved: "
+                        f"{fix} and run again to resume from step {saved[-1]}{earlier}")
 
 
-def _read_back(pending: list[dict[str, jax.Array]], step: int,
-               train_config: Config) -> dict[str, float]:
-  """The metrics of `step` as floats, after checking the steps of `pending` (those since the
-  last read-back, ending at `step`): each loss finite, and the parameters after each update."""
-  host = jax.device_get([parallel.unreplicate(m) for m in pending])  # one transfer
-  for i, step_metrics in enumerate(host):
-    at, loss = step - len(pending) + 1 + i, float(step_metrics["loss"])
-    if not math.isfinite(loss):
-      raise _diverged(f"loss is {loss} at step {at}", train_config)
-    if not step_metrics["params_finite"]:
-      raise _diverged(f"the update at step {at} made the parameters non-finite (loss {loss:.4g}, "
-                      f"gradient norm {float(step_metrics['grad_norm']):.4g})", train_config)
-  return {k: float(v) for k, v in host[-1].items()}
-
-
-def _check_figures(figures: dict[str, dict[str, Any]], step: int, train_config: Config) -> None:
-  """Stops a run whose evaluation diverged (a non-finite loss, or a perplexity past float range)
-  before its figures are saved or printed."""
-  for split, row in figures.items():
-    if not (math.isfinite(row["loss"]) and math.isfinite(row.get("perplexity", 0.0))):
-      raise _diverged(f"the {split} loss is {row['loss']:.4g} nats at step {step}",
-                      train_config)
+def _read_back(pending: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
+  """The metrics of the steps since the last read-back, as floats, in one transfer."""
+  host = jax.device_get([parallel.unreplicate(m) for m in pending])
+  return [{k: float(v) for k, v in m.items()} for m in host]
 
 
 class _Speed:
@@ -271,39 +170,45 @@ def _average_when_due(state: TrainState, step: int, evals: dict[str, dict[str, A
                       devs: parallel.Devices) -> TrainState:
   """NT-ASGD: records the validation loss of a step on the `eval_every` grid (in `val_losses`,
   saved with each checkpoint) while averaging has not started, and starts it when
-  `nt_trigger` says so. The last step's off-grid evaluation is left out, so that extending
-  a finished run triggers as a straight run would."""
+  `optim.nt_trigger` says so. The last step's off-grid evaluation is left out, so that
+  extending a finished run triggers as a straight run would."""
   patience = train_config.asgd_patience
   if patience == 0 or "val" not in evals or step % train_config.eval_every:
     return state
   if int(parallel.unreplicate(state.opt_state.count)) >= 0:
     return state
   loss = evals["val"]["loss"]
-  if nt_trigger(val_losses, loss, patience):
+  if optim.nt_trigger(val_losses, loss, patience):
     log.note(f"validation loss {loss:.4f} is worse than {min(val_losses[:-patience]):.4f}, the "
              f"best before the last {patience} validations: averaging the iterates after step "
              f"{step} (NT-ASGD)")
-    state = start_averaging(state, devs)
+    zero = parallel.replicate(jnp.zeros((), jnp.int32), devs)
+    state = state.replace(opt_state=optim.start_averaging(state.opt_state, zero))
   val_losses.append(loss)
   return state
 
 
-def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
-  """Trains per `config` (resuming from `workdir`'s latest checkpoint), logging to metrics.jsonl.
+def eval_params(state: TrainState) -> Any:
+  """What an (unreplicated) state evaluates and saves as its model (`optim.eval_params`)."""
+  return optim.eval_params(state.params, state.opt_state)
 
-  The step runs under `parallel.pmap` over `train.devices` devices (one included), each with
-  its block of the batch's lanes and their carried states. Returns the final validation
-  figures, or {"step", "preempted": True} after a SIGTERM/SIGINT. One run at a time trains
-  in a workdir (`checkpoint.workdir_lock`).
-  """
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a run needs before it touches its workdir: checked config, devices, data."""
+  config: Config  # in steps (`config.in_steps`)
+  task: Any
+  devs: parallel.Devices
+  vocab: Any
+  splits: dict[str, Any]
+  steps_per_epoch: int
+
+
+def prepare(config: Config) -> Run:
+  """Validates `config` and loads its data: everything that can refuse a run, before the
+  run creates anything in its workdir."""
   config_lib.validate(config)
-  workdir = checkpoint.prepare_workdir(workdir)
-  with checkpoint.workdir_lock(workdir, enabled=jax.process_index() == 0):
-    return _train(config, workdir)
-
-
-def _train(config: Config, workdir: pathlib.Path) -> dict[str, Any]:
-  """`train_and_evaluate` in a validated config and a locked workdir."""
+  metrics.check_events(config.train.tensorboard)
   task = tasks.get(config.task)
   devs = parallel.devices(config.train.devices)
   parallel.check_divisible(config.data.batch_size, devs, "data.batch_size")
@@ -313,35 +218,69 @@ def _train(config: Config, workdir: pathlib.Path) -> dict[str, Any]:
                     "devices); choose a divisor")
   vocab, splits = task.prepare_data(config)
   epoch = task.train_batches(splits["train"], config, 0).batches_per_epoch
-  config = config_lib.in_steps(config, epoch)
+  return Run(config_lib.in_steps(config, epoch), task, devs, vocab, splits, epoch)
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+  """Trains per `config` (resuming from `workdir`'s checkpoint), logging to metrics.jsonl.
+
+  The step runs under `parallel.pmap` over `train.devices` devices (one included), each with
+  its block of the batch's lanes and their carried states. Returns the final validation
+  figures, or {"step", "preempted": True} after a SIGTERM/SIGINT. One run at a time trains
+  in a workdir (`checkpoint.workdir_lock`); a run refused by its config or data creates nothing.
+  """
+  run = prepare(config)
+  workdir = checkpoint.prepare_workdir(workdir)
+  with checkpoint.workdir_lock(workdir, enabled=jax.process_index() == 0):
+    return _train(run, workdir)
+
+
+def _train(run: Run, workdir: pathlib.Path) -> dict[str, Any]:
+  """`train_and_evaluate` of a prepared run in a locked workdir."""
+  config, task, devs, vocab, splits = run.config, run.task, run.devs, run.vocab, run.splits
   evaluate = task.make_evaluator(config, devs)
-  tx = make_optimizer(config.train, epoch)
+  tx = optim.make_optimizer(config.train, run.steps_per_epoch)
   zeros = task.initial_carry(config.model, config.data.batch_size)
   mngr = checkpoint.manager(workdir, config.train.keep)
-  state, carry, position, val_losses = checkpoint.resume(
+  state, carry, position, history = checkpoint.resume(
       mngr, create_train_state(config, len(vocab), tx), zeros, config, vocab)
   if devs.is_main:
     provenance.write_run_files(workdir, config, vocab, devs)
   local = lambda rows: parallel.shard(parallel.process_rows(rows, devs), devs)  # our lanes
   step_fn = parallel.pmap(functools.partial(train_step, config=config, tx=tx,
-                                            steps_per_epoch=epoch, across_devices=True),
+                                            steps_per_epoch=run.steps_per_epoch,
+                                            across_devices=True),
                           devs, donate_argnums=(0,))
   batches = task.train_batches(splits["train"], config, position)
   first, params_count = int(state.step) + 1, model.num_params(state.params)
   state, carry, zeros = parallel.replicate(state, devs), local(carry), local(zeros)
   start, evals, pending = time.perf_counter(), {}, []
   speed = _Speed(first - 1, config.data.batch_size * config.data.seq_len)  # padding included
+  val_rows, val_losses = history["val_rows"], history["val_losses"]
+  advice = lambda what: diverged(what, config.train, sorted(mngr.all_steps()))
 
   def evaluate_splits(log, step, params, names):  # log None: report without logging again
     figures = {s: evaluate(params, splits[s]) for s in names if task.size(splits[s]) > 0}
-    _check_figures(figures, step, config.train)
-    for split, row in figures.items() if log is not None else ():
-      log.write({"step": step, "split": split, **row})
+    for split, row in figures.items():
+      if not (math.isfinite(row["loss"]) and math.isfinite(row.get("perplexity", 0.0))):
+        raise advice(f"the {split} loss is {row['loss']:.4g} nats at step {step}")
+      if log is not None:
+        val_rows.append(log.write({"step": step, "split": split, **row}))
     return figures
 
+  def snapshot(step_evals):
+    history = {"val_rows": list(val_rows), "val_losses": list(val_losses),
+               "guard": sane.history()}
+    val_loss = step_evals["val"]["loss"] if "val" in step_evals else None
+    return checkpoint.snapshot(parallel.unreplicate(state),
+                               parallel.all_rows(parallel.unshard(carry), devs),
+                               batches.position, config, vocab, val_loss, history)
+
   with metrics.Log(workdir, config.train.steps, first - 1, devs.is_main,
-                   config.train.tensorboard) as log, \
+                   config.train.tensorboard, val_rows) as log, \
       checkpoint.Preemption() as preemption:
+    sane = guard.Guard(task.chance_loss(config, len(vocab)), history["guard"],
+                       lambda snap: checkpoint.write(mngr, snap), log.note, advice)
     log.note(f"{params_count:,} parameters, vocabulary {len(vocab)}, "
              f"{task.size(splits['train']):,} training {task.UNIT}, "
              f"{devs.count} {devs.local[0].platform} device(s)")
@@ -351,25 +290,29 @@ def _train(config: Config, workdir: pathlib.Path) -> dict[str, Any]:
       pending.append(step_metrics)
       preempted = preemption.requested  # read once: a signal may arrive at any moment
       when = due(step, config.train, preempted)
-      if not when:
+      if not when and not sane.waiting:
         continue  # no read-back: the host runs ahead and queues the next step
       # Every log, evaluation and save comes after this read-back of all steps since the last
-      # one, which waits for the step and stops a run whose loss or parameters turned
-      # non-finite before anything of it is saved.
-      step_metrics, pending = _read_back(pending, step, config.train), []
+      # one, which waits for the step; the guard stops a run whose loss or parameters turned
+      # non-finite, and writes a held checkpoint once the loss of its parameters is in.
+      rows, pending = _read_back(pending), []
       speed.pause()
+      sane.steps(step - len(rows) + 1, rows)
       if when.log:
-        log.write({"step": step, "split": "train", **{k: step_metrics[k] for k in TRAIN_FIELDS},
+        log.write({"step": step, "split": "train", **{k: rows[-1][k] for k in TRAIN_FIELDS},
                    "tokens_per_s": speed.rate(step)})
+      step_evals = {}
       if when.evaluate:
-        evals = evaluate_splits(log, step, eval_params(parallel.unreplicate(state)),
-                                task.FINAL_SPLITS if step == config.train.steps else ("val",))
+        step_evals = evals = evaluate_splits(
+            log, step, eval_params(parallel.unreplicate(state)),
+            task.FINAL_SPLITS if step == config.train.steps else ("val",))
         state = _average_when_due(state, step, evals, val_losses, config.train, log, devs)
       if when.save:
-        val_loss = evals["val"]["loss"] if when.evaluate and "val" in evals else None
-        checkpoint.save(mngr, parallel.unreplicate(state),
-                        parallel.all_rows(parallel.unshard(carry), devs), batches.position, config,
-                        vocab, val_loss=val_loss, val_losses=val_losses)
+        sane.hold(step, snapshot(step_evals))
+        if "val" in step_evals:
+          sane.measured(step, step_evals["val"]["loss"], "validation loss")
+        elif preempted:  # no later loss will come: saved if the run's last loss was sane
+          sane.measured(step, rows[-1]["loss"], f"training loss of step {step}")
       if preempted:
         return {"step": step, "preempted": True}
       speed.resume()

@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from jaxrnn import UserError, cells, layers, model, provenance, sample, train
+from jaxrnn import UserError, cells, layers, model, optim, provenance, sample, train
 from jaxrnn.tasks import lm
 
 flags.DEFINE_string("cells", ",".join(cells.names()),
@@ -107,7 +107,7 @@ def _train_step(cell: str, impl: str | None, hidden: int) -> tuple[Any, Callable
   """(config, state init, jitted train_step donating the state) of one jaxrnn model."""
   # Cached so that timing, sweep and memory share one compilation wherever shapes agree.
   config = _config(cell, impl, hidden)
-  tx = train.make_optimizer(config.train)
+  tx = optim.make_optimizer(config.train)
   init = lambda: train.create_train_state(config, FLAGS.vocab, tx)
   step = functools.partial(train.train_step, config=config, tx=tx)
   return config, init, jax.jit(step, donate_argnums=(0,))
@@ -208,7 +208,7 @@ def _flax(cell: str, hidden: int, data: Data) -> Fns:
 
   zeros = lambda rows: [cell_cls(hidden, parent=None).initialize_carry(
       jax.random.key(0), (rows, 1))] * FLAGS.layers
-  lm, tx = LM(), train.make_optimizer(_config(cell, None, hidden).train)
+  lm, tx = LM(), optim.make_optimizer(_config(cell, None, hidden).train)
   x, y, ex, _ = map(jnp.asarray, (*data["train"], *data["eval"]))
   train_zeros, carry = zeros(x.shape[0]), [zeros(ex.shape[0])]
   params = lm.init(jax.random.key(0), x, train_zeros)

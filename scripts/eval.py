@@ -7,11 +7,10 @@ The config and vocabulary come from the checkpoint; --corpus evaluates on anothe
 bpc and tokens; a classifier accuracy and examples; both their loss.
 """
 
-import json
 
 from absl import flags, logging
 
-from jaxrnn import checkpoint, cli, config as config_lib, tasks
+from jaxrnn import checkpoint, cli, config as config_lib, metrics, tasks
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "val", ["train", "val", "test"], "Split to evaluate.")
@@ -29,7 +28,7 @@ def main(argv: list[str]) -> None:
   task = tasks.get(config.task)
   _, splits = task.prepare_data(config, vocab)
   result = task.make_evaluator(config)(params, splits[_SPLIT.value])
-  print(json.dumps({"step": step, "split": _SPLIT.value, **result}))
+  print(metrics.dumps({"step": step, "split": _SPLIT.value, **result}))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ Progress goes to stderr, every logged row to <workdir>/metrics.jsonl. Run the sa
 again on the same workdir to resume from its latest checkpoint; SIGTERM or Ctrl-C saves one.
 """
 
-import json
 import pathlib
 import sys
 
 from absl import app, flags, logging
 
-from jaxrnn import cli, parallel, train
+from jaxrnn import cli, metrics, parallel, train
 
 _DEFAULT = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py")
 _CONFIG = cli.define_config(_DEFAULT)
@@ -37,7 +36,7 @@ def main(argv: list[str]) -> None:
           file=sys.stderr)
     return
   if parallel.devices().is_main:
-    print(json.dumps(result))
+    print(metrics.dumps(result))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from jaxrnn import UserError, checkpoint, data, model, train
+from jaxrnn import UserError, checkpoint, data, model, optim, train
 from jaxrnn.tasks import lm
 
 
@@ -66,7 +66,7 @@ def test_resume_with_averaging_and_weight_drop_is_bitwise_identical(tiny_config,
   train.train_and_evaluate(config(14), str(resumed))
   mngr = checkpoint.manager(resumed)
   vocab, _ = lm.prepare_data(config(14))
-  template = train.create_train_state(config(14), len(vocab), train.make_optimizer(config(14).train))
+  template = train.create_train_state(config(14), len(vocab), optim.make_optimizer(config(14).train))
   state, *_ = checkpoint.restore(mngr, template, model.initial_carry(config(14).model, 4))
   assert int(state.opt_state.count) > 0  # averaging had started before the stop
   train.train_and_evaluate(config(30), str(resumed))
@@ -80,7 +80,7 @@ def test_restored_iterator_and_carry_continue_the_stream(ckpt_config, tmp_path):
   """What a checkpoint restores (carry, data position) continues the interrupted stream exactly."""
   config = ckpt_config(7)
   vocab, ids = lm.prepare_data(config)
-  tx = train.make_optimizer(config.train)
+  tx = optim.make_optimizer(config.train)
   state = train.create_train_state(config, len(vocab), tx)
   batches = data.train_batches(ids["train"], config.data, 0)
   carry = model.initial_carry(config.model, config.data.batch_size)
@@ -386,3 +386,86 @@ def test_listing_steps_that_a_run_rotates_away_is_tried_again():
   assert checkpoint._listed(flaky, "runs/x") == "manager" and len(calls) == 3
   with pytest.raises(UserError, match="kept changing while they were listed.*try again"):
     checkpoint._listed(lambda: (_ for _ in ()).throw(FileNotFoundError("55")), "runs/x")
+
+
+def rewrite_params(workdir, scale):
+  """The latest checkpoint of `workdir` saved again (as step 100) with its params times `scale`."""
+  config, vocab, _, _ = checkpoint.load_run(str(workdir))
+  mngr = checkpoint.manager(workdir)
+  template = train.create_train_state(config, len(vocab), optim.make_optimizer(config.train))
+  zeros = model.initial_carry(config.model, config.data.batch_size)
+  state, carry, meta = checkpoint.restore(mngr, template, zeros)
+  state = state.replace(step=state.step * 0 + 100,
+                        params=jax.tree.map(lambda p: p * scale, state.params))
+  checkpoint.save(mngr, state, carry, meta["position"], config, vocab)
+
+
+def test_eval_prints_strict_json_for_a_checkpoint_whose_figures_overflow(ckpt_config, script,
+                                                                         tmp_path):
+  """Parameters scaled by 1e4: the loss is finite but past exp's range, so perplexity is
+  infinite; eval.py prints strict JSON with it as the string "inf"."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(ckpt_config(5), str(workdir))
+  rewrite_params(workdir, 1e4)
+  proc = script("eval.py", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+  assert result["step"] == 100 and result["loss"] > 709 and result["perplexity"] == "inf"
+
+
+@pytest.mark.parametrize("name", ["eval.py", "sample.py"])
+def test_a_checkpoint_with_non_finite_parameters_is_refused_in_one_line(name, ckpt_config, script,
+                                                                        tmp_path):
+  """A checkpoint holding NaN parameters (written before the guard existed): eval.py and
+  sample.py refuse it in one line that names the older step to read instead."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(ckpt_config(5), str(workdir))
+  rewrite_params(workdir, float("nan"))
+  proc = script(name, f"--workdir={workdir}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: the checkpoint at step 100 in {workdir.resolve() / 'checkpoints'} has non-finite "
+      "parameters (its run diverged); read an older one with --step (saved: [5])")
+
+
+def test_step_best_before_any_validation_says_so(tiny_config, script, tmp_path):
+  """A run that has not validated yet has no best step: --step best says so and suggests
+  --step latest, in one line."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(train={"steps": 20, "ckpt_every": 5, "eval_every": 20}),
+                           str(workdir))
+  shutil.rmtree(workdir / "checkpoints" / "20")  # as if stopped before its first validation
+  proc = script("eval.py", f"--workdir={workdir}", "--step=best")
+  assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+  assert "has been validated yet, so none is the best; use --step latest" in proc.stderr
+
+
+def test_saves_between_validations_print_no_orbax_warning(tiny_flags, script, tmp_path):
+  """ckpt_every=5, eval_every=10: the checkpoints of steps 5 and 15 carry no validation loss,
+  and orbax's warning about it is not printed."""
+  proc = script("train.py", *tiny_flags(tmp_path / "run", train={
+      "steps": 20, "ckpt_every": 5, "eval_every": 10, "log_every": 5}))
+  assert proc.returncode == 0, proc.stderr
+  assert "tracked_metric" not in proc.stderr and "did not provide metrics" not in proc.stderr
+
+
+def test_without_the_kernel_eval_says_the_fallback_once(ckpt_config, tmp_path, monkeypatch,
+                                                        capsys):
+  """A checkpoint trained with model.impl=onednn read where the kernel is missing (simulated):
+  one note says the XLA path runs instead, and the evaluation runs."""
+  from jaxrnn import kernels
+  config = ckpt_config(5)
+  config.model.update(hidden_size=64, impl="scan")
+  train.train_and_evaluate(config, str(tmp_path))
+  mngr = checkpoint.manager(tmp_path)
+  meta = checkpoint.read_meta(mngr)
+  meta["config"]["model"]["impl"] = "onednn"
+  (tmp_path / "checkpoints" / "5" / "meta" / "metadata").write_text(json.dumps(meta))
+  monkeypatch.setattr(kernels, "_load_onednn", lambda: (None, "simulated: not built"))
+  kernels.warn_fallback.cache_clear()
+  capsys.readouterr()
+  saved, vocab, params, _ = checkpoint.load_run(str(tmp_path))
+  _, splits = lm.prepare_data(saved, vocab)
+  lm.make_evaluator(saved)(params, splits["val"])
+  err = capsys.readouterr().err
+  assert err.count("simulated: not built") == 1 and err.count("onednn") == 1, err

@@ -6,7 +6,7 @@ import inspect
 import pytest
 
 from configs import default
-from jaxrnn import UserError, cells, config as config_lib, train
+from jaxrnn import UserError, cells, config as config_lib, optim, train
 
 
 @pytest.mark.parametrize("sections, message", [
@@ -117,12 +117,12 @@ def test_the_shipped_configs_are_valid():
 
 
 def test_every_choice_builds():
-  """Every optimizer and schedule the validator accepts is one train.make_optimizer builds."""
+  """Every optimizer and schedule the validator accepts is one optim.make_optimizer builds."""
   config = default.get_config().train
   for optimizer in config_lib.OPTIMIZERS:
     for schedule in config_lib.SCHEDULES:
       config.update(optimizer=optimizer, schedule=schedule, warmup_steps=2)
-      train.make_optimizer(config)
+      optim.make_optimizer(config)
 
 
 def test_cell_options_defaults_agree_with_configs_default():

@@ -1,11 +1,14 @@
 """Tests for jaxrnn.metrics: the metrics.jsonl log and its TensorBoard twin as resumed runs and
 failures meet them."""
 
+import importlib.util
 import json
+import subprocess
 import sys
 
 import pytest
 
+from conftest import REPO_ROOT
 from jaxrnn import UserError, metrics, train
 
 
@@ -112,3 +115,51 @@ def test_without_tensorboardx_training_goes_on_and_says_once_how_to_enable_it(
   with pytest.raises(UserError, match=r"train\.tensorboard=True needs tensorboardX"):
     train.train_and_evaluate(tiny_config(train={"steps": 3, "tensorboard": True}),
                              str(tmp_path / "required"))
+
+
+def test_a_validation_row_lost_to_a_torn_line_is_written_again_from_the_checkpoint(
+    tiny_config, tmp_path):
+  """A crash tore the line of step 5's validation: the resumed run writes it again from the
+  checkpoint's copy of the run's evaluations, in step order, with its figures."""
+  config = lambda steps: tiny_config(train={"steps": steps, "log_every": 5, "eval_every": 5,
+                                            "ckpt_every": 5, "tensorboard": False})
+  train.train_and_evaluate(config(10), str(tmp_path))
+  before = rows(tmp_path)
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  torn = next(i for i, r in enumerate(before) if r["split"] == "val" and r["step"] == 5)
+  lines[torn] = lines[torn][:20]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  train.train_and_evaluate(config(15), str(tmp_path))
+  after = rows(tmp_path)
+  assert [(r["step"], r["split"]) for r in after] == [
+      (5, "train"), (5, "val"), (10, "train"), (10, "val"), (15, "train"), (15, "val")]
+  assert after[1] == before[torn]
+
+
+def test_every_written_row_is_strict_json_even_with_non_finite_figures(tmp_path):
+  """A gradient norm that overflowed to inf is written as the string "inf" (no bare Infinity,
+  which strict JSON readers refuse), and reads back as a float with float()."""
+  with metrics.Log(tmp_path, steps=1, tensorboard=False) as log:
+    log.write({"step": 1, "split": "train", "loss": 3.0, "grad_norm": float("inf"),
+               "lr": float("nan")})
+  line = (tmp_path / "metrics.jsonl").read_text()
+  row = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+  assert row["grad_norm"] == "inf" and float(row["grad_norm"]) == float("inf")
+  assert row["lr"] == "nan"
+
+
+def test_training_with_tensorboard_never_imports_torch(tiny_flags, tmp_path):
+  """In a process of its own with torch installed (the [dev] extra), a training run that
+  writes TensorBoard events loads no torch module, and so no second OpenMP runtime."""
+  assert importlib.util.find_spec("torch") is not None  # installed: the test means something
+  code = ("import atexit, runpy, sys; atexit.register(lambda: print('TORCH' if any("
+          "m == 'torch' or m.startswith('torch.') for m in sys.modules) else 'NO TORCH')); "
+          "sys.argv = ['train.py'] + sys.argv[1:]; "
+          "runpy.run_path('scripts/train.py', run_name='__main__')")
+  proc = subprocess.run([sys.executable, "-c", code,
+                         *tiny_flags(tmp_path / "run", train={"steps": 3,
+                                                              "tensorboard": True})],
+                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert list((tmp_path / "run").glob(metrics.EVENTS))
+  assert proc.stdout.strip().splitlines()[-1] == "NO TORCH"

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 import jax
 import pytest
@@ -200,3 +201,81 @@ def test_sample_beam_prints_the_best_sequences_and_their_log_probabilities(train
   line = next(l for l in proc.stderr.splitlines() if l.startswith("log-probabilities"))
   log_probs = [float(x) for x in line.split(": ")[1].split(", ")]
   assert len(log_probs) == 3 and log_probs == sorted(log_probs, reverse=True) and log_probs[0] < 0
+
+
+CONFIG_FILES = {
+    "missing file": (None, "--config {path}: no such file (configs/ holds "),
+    "syntax error": ("def get_config(:\n  pass\n", "--config {path}, line 1: invalid syntax"),
+    "an int": ("def get_config():\n  return 3\n",
+               "--config {path}: get_config() returned int, not an ml_collections.ConfigDict"),
+    "no get_config": ("x = 1\n", "--config {path} has no get_config() function"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_FILES)
+def test_a_bad_config_file_is_one_line_naming_the_file(case, tmp_path):
+  """A config file that is missing, does not parse (line named), returns no ConfigDict or has
+  no get_config: exit 2, one line naming the file, no traceback."""
+  source, expected = CONFIG_FILES[case]
+  path = tmp_path / "my_config.py"
+  if source is not None:
+    path.write_text(source)
+  proc = run_script("train.py", f"--config={path}", f"--workdir={tmp_path / 'run'}")
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1
+  assert lines[0].startswith(f"error: {expected.format(path=path)}"), lines
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["tensorboard without tensorboardX", "corpus under one batch"])
+def test_a_run_refused_before_training_creates_nothing(case, tiny_config, tmp_path, monkeypatch):
+  """Refusals that need the data or the environment, not only the config, come before the
+  workdir is made: no lock, config.json or checkpoints/ left behind."""
+  from jaxrnn import UserError, train
+  if case == "tensorboard without tensorboardX":
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    config, message = tiny_config(train={"tensorboard": True}), "needs tensorboardX"
+  else:
+    short = tmp_path / "short.txt"
+    short.write_text("to be or not to be, that is the question: whether 'tis noble\n")
+    config = tiny_config(data={"corpus": str(short), "batch_size": 8, "seq_len": 8})
+    message = "shorter than"
+  with pytest.raises(UserError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # a classifier run for a drawing
+def test_plot_draws_a_classifier_run(tiny_classify_config, script, tmp_path):
+  """plot.py on a classifier's workdir plots its validation accuracy and training loss."""
+  from jaxrnn import train
+  train.train_and_evaluate(tiny_classify_config(train={"steps": 4, "eval_every": 2}),
+                           str(tmp_path / "rt"))
+  png = tmp_path / "curves.png"
+  proc = script("plot.py", f"--workdir={tmp_path / 'rt'}", f"--out={png}")
+  assert proc.returncode == 0, proc.stderr
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_a_classifier_and_without_matplotlib_is_one_line(tmp_path):
+  """plot.py without matplotlib names the [plot] extra in one line (exit 2); runs of two
+  tasks are refused in one line; a classifier's rows (accuracy, no perplexity) pass the
+  checks that come before drawing."""
+  for name, task, row in (("lm", "lm", {"perplexity": 5.0}),
+                          ("rt", "classify", {"accuracy": 0.7})):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(json.dumps(
+        {"task": task, "model": {"cell": "lstm", "num_layers": 1, "hidden_size": 8}}))
+    (tmp_path / name / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n"
+        + json.dumps({"step": 1, "split": "val", "loss": 1.0, **row}) + "\n")
+  block = ("import runpy, sys; sys.modules['matplotlib'] = None; "
+           "sys.argv = ['plot.py'] + sys.argv[1:]; "
+           "runpy.run_path('scripts/plot.py', run_name='__main__')")
+  for args, expected in (([f"--workdir={tmp_path / 'rt'}"], "pip install -e '.[plot]'"),
+                         ([f"--workdir={tmp_path / 'rt'}", str(tmp_path / "lm")],
+                          "different tasks")):
+    proc = subprocess.run([sys.executable, "-c", block, *args, f"--out={tmp_path / 'x.png'}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr

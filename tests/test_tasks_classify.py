@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrnn import UserError, model, train
+from jaxrnn import UserError, model, optim, train
 from jaxrnn.tasks import classify
 
 SHARED = pathlib.Path(os.environ["JAXRNN_DATA_DIR"])
@@ -129,7 +129,7 @@ def test_evaluator_equals_one_pass_over_the_split(tiny_classify_config, num_clas
                                 data={"seq_len": 24, "max_vocab": 500},
                                 train={"eval_lanes": 128})
   vocab, splits = classify.prepare_data(config)
-  params = train.create_train_state(config, len(vocab), train.make_optimizer(config.train)).params
+  params = train.create_train_state(config, len(vocab), optim.make_optimizer(config.train)).params
   got = classify.make_evaluator(config)(params, splits["val"])
   loss, accuracy = reference_figures(params, config, splits["val"])
   assert got["examples"] == 1066 == classify.size(splits["val"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from jaxrnn import data, model, train
+from jaxrnn import data, model, optim, train
 from jaxrnn.tasks import lm
 
 
@@ -78,7 +78,7 @@ def test_sixteen_lanes_match_one_lane_on_a_trained_model(tiny_config):
                        data={"corpus": "timemachine", "batch_size": 16, "seq_len": 32},
                        train={"eval_lanes": 16, "eval_chunk": 128})
   vocab, ids = lm.prepare_data(config)
-  tx = train.make_optimizer(config.train)
+  tx = optim.make_optimizer(config.train)
   state = train.create_train_state(config, len(vocab), tx)
   step = jax.jit(functools.partial(train.train_step, config=config, tx=tx))
   batches = lm.train_batches(ids["train"], config, 0)

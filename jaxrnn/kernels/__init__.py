@@ -24,11 +24,11 @@ import importlib.metadata
 import importlib.machinery
 import os
 import pathlib
+import sys
 from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from jaxrnn.cells import Carry, Params
 
@@ -117,8 +117,9 @@ def unavailable(impl: str) -> str:
 
 @functools.cache
 def warn_fallback(impl: str) -> None:
-  """Says once per process that `auto` could not use kernel `impl`, and why."""
-  logging.warning("model.impl=auto: running the XLA path, not %s: %s", impl, unavailable(impl))
+  """Says once per process, on stderr, that `auto` could not use kernel `impl`, and why."""
+  print(f"note: model.impl=auto runs the XLA path, not {impl}: {unavailable(impl)}",
+        file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------ oneDNN

@@ -12,6 +12,7 @@ A task module is the whole of its task, so a new task is one module and one line
   train_batches(train_split, config, position)          iterator of (reset, batch), `.position`
   make_evaluator(config, devs=None) -> evaluate(params, split) -> {figure: value}
   summary(split, figures) -> {result key: value}        the final stdout JSON's keys
+  chance_loss(config, vocab_size) -> float              a uniform guess' loss (`guard.py`)
 """
 
 from types import ModuleType

@@ -9,6 +9,7 @@ the host. Nothing is carried across batches: the carry is empty.
 
 import collections
 import functools
+import math
 from typing import Any, Callable, Iterator
 
 import jax
@@ -160,6 +161,12 @@ def predictions(logits: jax.Array) -> jax.Array:
   if logits.shape[-1] == 1:
     return (logits[:, 0] > 0).astype(jnp.int32)
   return jnp.argmax(logits, axis=-1)
+
+
+def chance_loss(config: Config, vocab_size: int) -> float:
+  """The loss of a uniform guess, log of the classes (2 for one sigmoid unit), per sentence."""
+  del vocab_size
+  return math.log(max(2, config.model.num_classes))
 
 
 def loss(params: Any, carry: tuple[()], batch: dict[str, jax.Array], model_config: Config,

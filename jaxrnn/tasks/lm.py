@@ -72,6 +72,12 @@ def penalties(ys: jax.Array, dropped: jax.Array, model_config: Config) -> jax.Ar
   return total
 
 
+def chance_loss(config: Config, vocab_size: int) -> float:
+  """The loss of a uniform guess, log |V| nats per token: where training starts."""
+  del config
+  return math.log(vocab_size)
+
+
 def loss(params: Any, carry: Any, batch: dict[str, jax.Array], model_config: Config,
          rng: model.Rngs) -> tuple[jax.Array, Any]:
   """(mean next-token loss of batch {inputs, targets}<int>[b, t] plus `penalties`, final carry)."""
