@@ -1,18 +1,30 @@
-"""Builds jaxrnn's optional oneDNN kernel; everything else about the package is in pyproject.toml.
+"""Builds jaxrnn's optional CPU kernels; everything else about the package is in pyproject.toml.
 
-`jaxrnn/kernels/onednn_rnn.cc` compiles against the XLA FFI headers that ship with jaxlib
-(`jax.ffi.include_dir()`) and oneDNN's headers from Intel's onednn-devel-cpu-gomp wheel, both
-build requirements. It is not linked against libdnnl: `jaxrnn/kernels/__init__.py` loads libdnnl.so.3
-from the onednn-cpu-gomp wheel at run time. Where anything is missing (no C++ compiler, not
-x86-64 Linux), the install still succeeds without the kernel and jaxrnn runs its XLA path.
+`jaxrnn/kernels/rnn_core.cc` (jaxrnn's own recurrence core) needs only a C++20 compiler and
+the XLA FFI headers that ship with jaxlib (`jax.ffi.include_dir()`), a build requirement; it
+is built twice, for AVX-512 and for AVX2 + FMA, and jaxrnn loads the one its CPU runs.
+`jaxrnn/kernels/onednn_rnn.cc` also needs oneDNN's headers from Intel's onednn-devel-cpu-gomp
+wheel, another build requirement; it is not linked against libdnnl: `jaxrnn/kernels/__init__.py`
+loads libdnnl.so.3 from the onednn-cpu-gomp wheel at run time. Where anything is missing (no
+C++ compiler, not x86-64 Linux), the install still succeeds without that kernel and jaxrnn
+runs the next-fastest path it has.
 """
 
 import importlib.metadata
 import importlib.util
 import pathlib
+import platform
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+
+def _ffi_include() -> str | None:
+  """The XLA FFI headers of the jaxlib installed for the build, if any."""
+  jaxlib = importlib.util.find_spec("jaxlib")
+  if jaxlib is None:
+    return None
+  return str(pathlib.Path(list(jaxlib.submodule_search_locations)[0]) / "include")
 
 
 def _include_dirs() -> list[str] | None:
@@ -39,15 +51,27 @@ class BuildKernels(build_ext):
         self.build_extension(ext)
         built.append(ext)
       except Exception as e:  # the compiler's own output is above; one line on what it means
-        self.warn(f"jaxrnn: the oneDNN kernel was not built ({e}); jaxrnn will run its XLA path")
+        self.warn(f"jaxrnn: {ext.name} was not built ({e}); jaxrnn will run without it")
     self.extensions[:] = built  # nothing to copy or install for what failed
 
 
+# rnn_core.cc per instruction set: (flags, floats per vector). -ffp-contract=fast makes a * b + c
+# one fused multiply-add, as the kernel's products and polynomials are written to be.
+CORE_BUILDS = {"avx512": (["-mavx512f", "-mfma"], 16), "avx2": (["-mavx2", "-mfma"], 8)}
+x86_64 = platform.machine() in ("x86_64", "AMD64")
+ffi_include = _ffi_include()
+extensions = [
+    Extension(f"jaxrnn.kernels._rnn_core_{isa}", ["jaxrnn/kernels/rnn_core.cc"],
+              include_dirs=[ffi_include], language="c++",
+              extra_compile_args=["-std=c++20", "-O3", "-ffp-contract=fast", *flags,
+                                  f"-DJAXRNN_VECTOR_FLOATS={floats}"])
+    for isa, (flags, floats) in CORE_BUILDS.items()] if ffi_include and x86_64 else []
 include_dirs = _include_dirs()
-extensions = [Extension("jaxrnn.kernels._onednn_rnn", ["jaxrnn/kernels/onednn_rnn.cc"],
-                        include_dirs=include_dirs, language="c++",
-                        extra_compile_args=["-std=c++17"])] if include_dirs else []
-if not include_dirs:
-  print("jaxrnn: building without the oneDNN kernel (its build requirements are not installed "
+if include_dirs:
+  extensions.append(Extension("jaxrnn.kernels._onednn_rnn", ["jaxrnn/kernels/onednn_rnn.cc"],
+                              include_dirs=include_dirs, language="c++",
+                              extra_compile_args=["-std=c++17"]))
+if not extensions:
+  print("jaxrnn: building without the CPU kernels (their build requirements are not installed "
         "here, e.g. not x86-64 Linux); jaxrnn will run its XLA path")
 setup(ext_modules=extensions, cmdclass={"build_ext": BuildKernels})

@@ -48,9 +48,9 @@ class Cell:
       the parameters named in `core_reads`, so dW_hh can be taken outside the time loop;
     log_linear: the step is h' = a * h + b with a, b from gx alone, so the steps compose
       as a parallel scan;
-    kernel: "lstm" or "gru" when the cell is exactly torch.nn.LSTM / nn.GRU with the parameters
-      `w_ih`, `w_hh`, `b` (and `b_hn`), so a whole-layer library kernel (`jaxrnn.kernels`:
-      oneDNN, cuDNN) can run it;
+    kernel: "lstm", "gru" or "rnn_<tanh|relu>" when the cell is exactly torch.nn.LSTM / nn.GRU
+      / nn.RNN with the parameters `w_ih`, `w_hh`, `b` (and `b_hn`), so a whole-layer kernel
+      (`jaxrnn.kernels`: jaxrnn's core, oneDNN, cuDNN) can run it;
     parallel: `parallel(params, carry, gx<t, b, g>) -> (carry, ys<t, b, h>)`, all steps at once
       with the values of scanning `recur` (for cells whose gates read x alone, in a form of
       their own: rglru's signed linear scan, mlstm's stabilized parallel form).
@@ -167,7 +167,8 @@ def rnn(nonlinearity: str = "tanh", compute_dtype: str = "float32") -> Cell:
     h = act(gx + gh)
     return h, h
 
-  return _gated("rnn", lambda key, d, h: _init_gated(key, d, h, 1), _zeros, core, compute_dtype)
+  return _gated("rnn", lambda key, d, h: _init_gated(key, d, h, 1), _zeros, core, compute_dtype,
+                kernel=f"rnn_{nonlinearity}")
 
 
 def gru(compute_dtype: str = "float32") -> Cell:

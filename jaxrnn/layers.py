@@ -44,13 +44,16 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
     raise UserError(f"model.impl={impl} cannot run here: {why}; {instead}")
 
 
-# What model.impl="auto" runs (`resolve`), measured with scripts/bench.py (docs/speed.md):
-#   platform  cell                                                impl
-#   cpu       lstm, gru (float32), hidden >= 64, more than 1 step  onednn (not built: scan)
-#   cpu       rnn, lnlstm, mlstm                                  fused
-#   cpu       every other cell, size or one step at a time        scan
-#   gpu       lstm (float32), hidden >= 1024                      cudnn
-#   gpu, tpu  every other cell or shape                           fused
+# What model.impl="auto" runs (`resolve`), measured with scripts/bench.py (docs/speed.md); an
+# entry a/b runs kernel a where the layer is not differentiated and kernel b where it is:
+#   platform  cell                              float32, hidden, more than 1 step   impl
+#   cpu       lstm, gru                         hidden >= 64                       onednn/core
+#   cpu       rnn                               hidden >= 64                       core
+#             (a kernel not built here: the next one of the list, else the XLA path below)
+#   cpu       rnn, lnlstm, mlstm                otherwise                          fused
+#   cpu       every other cell, size or one step at a time                        scan
+#   gpu       lstm (float32), hidden >= 1024                                       cudnn
+#   gpu, tpu  every other cell or shape                                            fused
 # Cells whose hoisted input product pays on a CPU: rnn's gates are as narrow as its state,
 # lnlstm's input product carries a layer norm; mlstm's sequential form keeps every step's
 # d x d memories for the backward pass, its chunked parallel form trains 4x faster (9.2K
@@ -62,6 +65,24 @@ CPU_FUSED = ("rnn", "lnlstm", "mlstm")
 # scan on an H100 below hidden 1024 (issue 15's figures).
 ONEDNN_MIN_HIDDEN = 64
 CUDNN_MIN_HIDDEN = 1024
+# The CPU kernels by speed, per pass, on the 2-core EPYC (docs/speed.md): oneDNN's inference
+# primitive (brgemm) evaluates fastest (1.5-2x the core); jaxrnn's core trains the quickstart's
+# 1 x 256 LSTM 1.76x faster than oneDNN 3.2, ties it at 2 x 256 and 2 x 384 (within the runs'
+# spread) and wins at 2 x 512 (1.46x), and beside a busy neighbour it slows 1.3-1.6x where
+# oneDNN's OpenMP team slows 2.5x. `auto` takes the first of each list that can run the cell.
+CPU_INFER = ("onednn", "core")
+CPU_TRAIN = ("core", "onednn")
+
+
+def _fastest_here(cell: Cell, order: tuple[str, ...]) -> str | None:
+  """The first kernel of `order` that runs `cell` here; one that does not exist here is said
+  once (`kernels.warn_fallback`), and the next one tried."""
+  for kernel in order:
+    if cell.kernel in kernels.FAMILIES[kernel]:
+      if not kernels.unavailable(kernel):
+        return kernel
+      kernels.warn_fallback(kernel)
+  return None
 
 
 def resolve(cell: Cell, impl: str, hidden_size: int, steps: int,
@@ -76,11 +97,10 @@ def resolve(cell: Cell, impl: str, hidden_size: int, steps: int,
     return impl
   float32 = cell.dtype == jnp.float32
   if platform == "cpu":
-    if (float32 and steps > 1 and hidden_size >= ONEDNN_MIN_HIDDEN
-        and cell.kernel in kernels.FAMILIES["onednn"]):
-      if not kernels.unavailable("onednn"):
-        return "onednn"
-      kernels.warn_fallback("onednn")
+    if float32 and steps > 1 and hidden_size >= ONEDNN_MIN_HIDDEN:
+      passes = [_fastest_here(cell, order) for order in (CPU_INFER, CPU_TRAIN)]
+      if all(passes):
+        return passes[0] if passes[0] == passes[1] else "/".join(passes)
     return "fused" if cell.name in CPU_FUSED else "scan"
   if (platform == "gpu" and float32 and cell.kernel in kernels.FAMILIES["cudnn"]
       and hidden_size >= CUDNN_MIN_HIDDEN):
@@ -118,7 +138,9 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *, unroll: int 
   XLA recurrence (`recurrence`). `unroll` is passed to `lax.scan`.
   """
   impl = resolve(cell, impl, hidden(carry).shape[-1], xs.shape[1])
-  if impl in kernels.LAYERS:  # batch-major, as oneDNN and cuDNN take it
+  if "/" in impl:  # inference / training kernels, batch-major
+    return kernels.per_pass(*impl.split("/"))(cell.kernel, params, carry, xs)
+  if impl in kernels.LAYERS:  # batch-major, as the kernels take it
     return kernels.LAYERS[impl](cell.kernel, params, carry, xs)
   carry, ys = recurrence(cell, impl, xs.shape[1])(params, carry, jnp.swapaxes(xs, 0, 1), unroll)
   return carry, jnp.swapaxes(ys, 0, 1)

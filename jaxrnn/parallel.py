@@ -43,6 +43,11 @@ class Devices:
     return len(self.local) * self.process_count
 
   @property
+  def single(self) -> bool:
+    """One device in all: `pmap` is a plain `jax.jit`."""
+    return self.count == 1
+
+  @property
   def is_main(self) -> bool:
     """The process that writes logs."""
     return self.process_index == 0
@@ -120,7 +125,19 @@ def all_rows(tree: Any, devs: Devices) -> Any:
 
 
 def pmap(fn: Callable[..., Any], devs: Devices, **kwargs: Any) -> Callable[..., Any]:
-  """`jax.pmap` over this process' devices, with collectives over the axis named AXIS."""
+  """`jax.pmap` over this process' devices, with collectives over the axis named AXIS; on one
+  device in all (`devs.single`), `jax.jit` of `fn` on the one block, with the same leading
+  device axis in and out. There `fn` must not need the axis: a step over one device has no
+  one to average with (`train.train_step(..., across_devices=not devs.single)`).
+
+  A pmap of one device costs about 7% of a CPU training step (88.3 against 82.0 ms, issue 24)
+  in its per-call sharding and dispatch; the jitted step computes the same numbers.
+  """
+  if devs.single:
+    def one_block(*args):
+      out = fn(*jax.tree.map(lambda x: x[0], args))
+      return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
+    return jax.jit(one_block, **kwargs)
   return jax.pmap(fn, axis_name=AXIS, devices=devs.local if devs.process_count == 1 else None,
                   **kwargs)
 

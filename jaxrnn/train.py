@@ -224,8 +224,8 @@ def prepare(config: Config) -> Run:
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   """Trains per `config` (resuming from `workdir`'s checkpoint), logging to metrics.jsonl.
 
-  The step runs under `parallel.pmap` over `train.devices` devices (one included), each with
-  its block of the batch's lanes and their carried states. Returns the final validation
+  The step runs under `parallel.pmap` over `train.devices` devices (`jax.jit` on one), each
+  with its block of the batch's lanes and their carried states. Returns the final validation
   figures, or {"step", "preempted": True} after a SIGTERM/SIGINT. One run at a time trains
   in a workdir (`checkpoint.workdir_lock`); a run refused by its config or data creates nothing.
   """
@@ -249,7 +249,7 @@ def _train(run: Run, workdir: pathlib.Path) -> dict[str, Any]:
   local = lambda rows: parallel.shard(parallel.process_rows(rows, devs), devs)  # our lanes
   step_fn = parallel.pmap(functools.partial(train_step, config=config, tx=tx,
                                             steps_per_epoch=run.steps_per_epoch,
-                                            across_devices=True),
+                                            across_devices=not devs.single),
                           devs, donate_argnums=(0,))
   batches = task.train_batches(splits["train"], config, position)
   first, params_count = int(state.step) + 1, model.num_params(state.params)

@@ -1,7 +1,7 @@
-"""Tests for jaxrnn.kernels and model.impl: the oneDNN layers against the XLA scan and against
-torch.nn.LSTM / nn.GRU in float64, the cuDNN weight packing against jax.experimental.rnn's
-reference, what `auto` resolves to, the fallback without the extension, and runs that change
-impl between training, resuming and evaluating."""
+"""Tests for jaxrnn.kernels and model.impl: jaxrnn's core and the oneDNN layers against the XLA
+scan and against torch.nn.LSTM / nn.GRU / nn.RNN in float64, the cuDNN weight packing against
+jax.experimental.rnn's reference, what `auto` resolves to, the fallback without the
+extensions, and runs that change impl between training, resuming and evaluating."""
 
 import functools
 import json
@@ -19,6 +19,11 @@ from jaxrnn.tasks import lm
 
 ONEDNN = kernels.unavailable("onednn")
 needs_onednn = pytest.mark.skipif(bool(ONEDNN), reason=f"the oneDNN kernel cannot run: {ONEDNN}")
+CORE = kernels.unavailable("core")
+needs_core = pytest.mark.skipif(bool(CORE), reason=f"jaxrnn's core cannot run: {CORE}")
+# (impl, cell) of every CPU kernel, each skipped with its reason where it cannot run.
+CPU_KERNEL_CELLS = [pytest.param("core", c, marks=needs_core) for c in ("lstm", "gru", "rnn")] + [
+    pytest.param("onednn", c, marks=needs_onednn) for c in ("lstm", "gru")]
 needs_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
 D, H = 5, 6
 
@@ -51,25 +56,44 @@ def _loss(cell, impl, d_ys, d_carries, params, carries, xs):
                                                                 jax.tree.leaves(d_carries)))
 
 
-@needs_onednn
-@pytest.mark.parametrize("family", kernels.FAMILIES["onednn"])
+@pytest.mark.parametrize("impl, family", CPU_KERNEL_CELLS)
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("b, t", [(1, 1), (3, 37), (2, 300)])
-def test_onednn_matches_the_xla_scan(family, num_layers, b, t):
+def test_cpu_kernels_match_the_xla_scan(impl, family, num_layers, b, t):
   """Outputs, final carries and gradients (every weight, the carried state in, the inputs) of
-  the oneDNN layers equal the XLA scan's, batch 1 and odd, one step and long sequences."""
+  each CPU kernel equal the XLA scan's, batch 1 and odd, one step and long sequences; a hidden
+  size (6) that fills no whole vector."""
   cell, params, carries, xs, d_ys, d_carries = _stack(family, num_layers, b, t, seed=b + t)
   run = lambda impl: jax.jit(functools.partial(layers.run_stack, cell, impl=impl))
-  _assert_close(run("onednn")(params, carries, xs), run("scan")(params, carries, xs))
+  _assert_close(run(impl)(params, carries, xs), run("scan")(params, carries, xs))
   grad = lambda impl: jax.jit(jax.grad(functools.partial(_loss, cell, impl, d_ys, d_carries),
                                        argnums=(0, 1, 2)))
-  _assert_close(grad("onednn")(params, carries, xs), grad("scan")(params, carries, xs))
+  _assert_close(grad(impl)(params, carries, xs), grad("scan")(params, carries, xs))
+
+
+@needs_core
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
+def test_the_core_matches_the_xla_scan_over_whole_and_partial_vectors(family):
+  """Hidden 40 (two and a half AVX-512 vectors, five AVX2 ones) and 64, batch 13 (odd rows for
+  the threads' parts, tiles of every height): values and gradients as the XLA scan's."""
+  for hidden in (40, 64):
+    cell = cells.get(family)
+    params = [cell.init(jax.random.key(1), 24, hidden)]
+    rng = np.random.default_rng(hidden)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    carries = [jax.tree.map(lambda z: normal(*z.shape), cell.initial_carry(13, hidden))]
+    xs, d_ys = normal(13, 29, 24), normal(13, 29, hidden)
+    d_carries = jax.tree.map(lambda z: normal(*z.shape), carries)
+    grad = lambda impl: jax.jit(jax.grad(functools.partial(_loss, cell, impl, d_ys, d_carries),
+                                         argnums=(0, 1, 2)))
+    _assert_close(grad("core")(params, carries, xs), grad("scan")(params, carries, xs))
 
 
 def _torch_stack(family, params, carries, xs, d_ys, d_carries):
   """torch.nn.LSTM / nn.GRU in float64 with jaxrnn's weights: (final carries, ys), and the
   gradients of `_loss` with respect to every weight, the carries and xs, in jaxrnn's layout."""
   module = getattr(torch.nn, family.upper())(D, H, num_layers=len(params), batch_first=True)
+  two_biases = family in ("lstm", "rnn")  # from_torch sums them; each has the sum's gradient
   module.load_state_dict({k: torch.from_numpy(v) for k, v in
                           interop.to_torch_state_dict(family, params).items()})
   module = module.double()
@@ -86,7 +110,7 @@ def _torch_stack(family, params, carries, xs, d_ys, d_carries):
   loss.backward()
   grads = {k: p.grad.numpy() for k, p in module.named_parameters()}
   d_params = interop.from_torch_state_dict(family, grads)
-  if family == "lstm":  # from_torch sums the two biases; their gradients are each d(b)
+  if two_biases:  # from_torch sums the two biases; their gradients are each d(b)
     d_params = [{**p, "b": p["b"] / 2} for p in d_params]
   else:  # GRU: b = b_ih + b_hh in the r and z thirds, b_ih alone in the n third
     for i, p in enumerate(d_params):
@@ -98,15 +122,15 @@ def _torch_stack(family, params, carries, xs, d_ys, d_carries):
   return values, (d_params, unstack(states), x.grad.numpy())
 
 
-@needs_onednn
-@pytest.mark.parametrize("family", kernels.FAMILIES["onednn"])
+@pytest.mark.parametrize("impl, family", CPU_KERNEL_CELLS)
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_onednn_matches_torch_in_float64(family, num_layers):
-  """The oneDNN layers against PyTorch's own LSTM / GRU run in float64: values and gradients."""
+def test_cpu_kernels_match_torch_in_float64(impl, family, num_layers):
+  """Each CPU kernel against PyTorch's own LSTM / GRU / RNN run in float64: values and
+  gradients."""
   cell, params, carries, xs, d_ys, d_carries = _stack(family, num_layers, 3, 23, seed=7)
   want_values, want_grads = _torch_stack(family, params, carries, xs, d_ys, d_carries)
-  got_values = layers.run_stack(cell, params, carries, xs, impl="onednn")
-  got_grads = jax.grad(functools.partial(_loss, cell, "onednn", d_ys, d_carries),
+  got_values = layers.run_stack(cell, params, carries, xs, impl=impl)
+  got_grads = jax.grad(functools.partial(_loss, cell, impl, d_ys, d_carries),
                        argnums=(0, 1, 2))(params, carries, xs)
   _assert_close(got_values, want_values)
   _assert_close(got_grads, (want_grads[0], want_grads[1], want_grads[2]))
@@ -149,7 +173,7 @@ def test_auto_resolves_to_an_implementation_that_runs_here(name, steps):
 
 
 @pytest.mark.parametrize("platform, name, hidden, want", [
-    ("cpu", "mingru", 256, "scan"), ("cpu", "rnn", 256, "fused"), ("cpu", "lnlstm", 256, "fused"),
+    ("cpu", "mingru", 256, "scan"), ("cpu", "rnn", 32, "fused"), ("cpu", "lnlstm", 256, "fused"),
     ("cpu", "indrnn", 256, "scan"), ("gpu", "lstm", 1024, "cudnn"),
     ("gpu", "lstm", 512, "fused"), ("gpu", "gru", 1024, "fused"), ("tpu", "lstm", 1024, "fused")])
 def test_auto_follows_the_table(platform, name, hidden, want):
@@ -157,22 +181,44 @@ def test_auto_follows_the_table(platform, name, hidden, want):
   assert layers.resolve(cells.get(name), "auto", hidden, 64, platform) == want
 
 
-def test_auto_picks_onednn_on_a_cpu_where_it_is_built():
-  """lstm and gru in float32 from hidden 64 on run in oneDNN; smaller, bf16 or one step: XLA."""
-  want = "onednn" if not ONEDNN else "scan"
-  for name in kernels.FAMILIES["onednn"]:
-    assert layers.resolve(cells.get(name), "auto", 64, 64, "cpu") == want
+@needs_onednn
+@needs_core
+def test_auto_picks_the_cpu_kernels_per_pass_and_size():
+  """lstm and gru in float32 from hidden 64: evaluation in oneDNN, training in the core; rnn in
+  the core; smaller, bf16 or one step: XLA."""
+  for name in ("lstm", "gru"):
+    assert layers.resolve(cells.get(name), "auto", 64, 64, "cpu") == "onednn/core"
+    assert layers.resolve(cells.get(name), "auto", 512, 64, "cpu") == "onednn/core"
     assert layers.resolve(cells.get(name), "auto", 32, 64, "cpu") == "scan"
     assert layers.resolve(cells.get(name), "auto", 256, 1, "cpu") == "scan"
+  assert layers.resolve(cells.get("rnn"), "auto", 64, 64, "cpu") == "core"
   assert layers.resolve(cells.get("lstm", compute_dtype="bfloat16"), "auto", 256, 64,
                         "cpu") == "scan"
+
+
+@needs_onednn
+@needs_core
+def test_auto_evaluates_in_one_kernel_and_trains_in_the_other():
+  """A 512-wide LSTM under auto: its value is oneDNN's inference and its gradient the core's
+  (both within 1e-5 of the XLA scan), so each pass runs where it is fastest."""
+  cell = cells.get("lstm")
+  params = cell.init(jax.random.key(0), 16, 512)
+  xs = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  carry = cell.initial_carry(2, 512)
+  ys = lambda impl, p: layers.run(cell, p, carry, xs, impl=impl)[1]
+  _assert_close(jax.jit(functools.partial(ys, "auto"))(params),
+                jax.jit(functools.partial(ys, "onednn"))(params))
+  hlo = jax.jit(jax.grad(lambda p: jnp.sum(ys("auto", p) ** 2))).lower(params).as_text()
+  assert "jaxrnn_core_lstm_grad" in hlo and "jaxrnn_lstm_grad" not in hlo
+  _assert_close(jax.grad(lambda p: jnp.sum(ys("auto", p) ** 2))(params),
+                jax.grad(lambda p: jnp.sum(ys("scan", p) ** 2))(params))
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"impl": "cudnn"}, "model.impl=cudnn needs a GPU"),
     ({"impl": "onednn", "cell": "mingru"}, "runs the cells lstm, gru, not 'mingru'"),
     ({"impl": "onednn", "compute_dtype": "bfloat16"}, "runs float32 only"),
-    ({"impl": "fast"}, "model.impl must be one of auto, fused, scan, onednn, cudnn"),
+    ({"impl": "fast"}, "model.impl must be one of auto, fused, scan, core, onednn, cudnn"),
 ])
 def test_an_impl_that_cannot_run_is_a_one_line_error(tiny_config, overrides, message):
   if jax.default_backend() == "gpu" and overrides.get("impl") == "cudnn":
@@ -182,11 +228,23 @@ def test_an_impl_that_cannot_run_is_a_one_line_error(tiny_config, overrides, mes
   assert "\n" not in str(e.value) and "model.impl" in str(e.value)
 
 
-def test_without_the_extension_auto_runs_xla_and_onednn_is_refused(tiny_config, tmp_path,
-                                                                   monkeypatch):
-  """The extension missing (simulated: not built): loading says why, `auto` trains on the XLA
-  path, and an explicit model.impl=onednn is a one-line error naming the other choices."""
-  monkeypatch.setattr(kernels, "_extension", lambda: None)
+def test_without_the_extensions_auto_runs_the_next_path_and_says_so_once(
+    tiny_config, tmp_path, monkeypatch, capsys):
+  """The core missing (simulated: not built): auto trains a 512-wide LSTM in oneDNN, saying
+  once why; both missing: the XLA path; an explicit model.impl that cannot run is a one-line
+  error naming the other choices."""
+  monkeypatch.setattr(kernels, "_extension", lambda name="_onednn_rnn": None)
+  lib, why = kernels._load_core.__wrapped__()
+  assert lib is None and "not built" in why
+  monkeypatch.setattr(kernels, "_load_core", lambda: (None, why))
+  kernels.warn_fallback.cache_clear()
+  capsys.readouterr()
+  for _ in range(3):
+    assert layers.resolve(cells.get("lstm"), "auto", 512, 64, "cpu") == (
+        "onednn" if not ONEDNN else "scan")
+  assert capsys.readouterr().err.count("not core") == 1
+  with pytest.raises(UserError, match="model.impl=core cannot run here: .*not built"):
+    config_lib.validate(tiny_config(model={"impl": "core"}))
   lib, why = kernels._load_onednn.__wrapped__()
   assert lib is None and "not built" in why
   monkeypatch.setattr(kernels, "_load_onednn", lambda: (None, why))
@@ -199,15 +257,17 @@ def test_without_the_extension_auto_runs_xla_and_onednn_is_refused(tiny_config, 
 
 
 @pytest.mark.slow  # three runs; the impls' equality tests stay fast
-@needs_onednn
-def test_a_run_changes_impl_between_training_resuming_and_evaluating(tiny_config, tmp_path):
-  """Trained with onednn, resumed with scan (and the other way round), evaluated with each: the
-  same figures to 1e-5 as a run that never changed."""
+@pytest.mark.parametrize("kernel", [pytest.param("core", marks=needs_core),
+                                    pytest.param("onednn", marks=needs_onednn)])
+def test_a_run_changes_impl_between_training_resuming_and_evaluating(kernel, tiny_config,
+                                                                     tmp_path):
+  """Trained with the kernel, resumed with scan (and the other way round), evaluated with each:
+  the same figures to 1e-5 as a run that never changed."""
   config = lambda impl, steps: tiny_config(
       model={"cell": "lstm", "num_layers": 2, "impl": impl},
       train={"steps": steps, "ckpt_every": 5, "eval_every": 5})
-  straight = train.train_and_evaluate(config("onednn", 10), str(tmp_path / "straight"))
-  for first, then in (("onednn", "scan"), ("scan", "onednn")):
+  straight = train.train_and_evaluate(config(kernel, 10), str(tmp_path / "straight"))
+  for first, then in ((kernel, "scan"), ("scan", kernel)):
     workdir = str(tmp_path / f"{first}-{then}")
     train.train_and_evaluate(config(first, 5), workdir)
     resumed = train.train_and_evaluate(config(then, 10), workdir)
@@ -215,22 +275,24 @@ def test_a_run_changes_impl_between_training_resuming_and_evaluating(tiny_config
   saved, vocab, params, _ = checkpoint.load_run(str(tmp_path / "straight"))
   ids = np.asarray(vocab.encode(open(saved.data.corpus).read()), np.int32)
   losses = []
-  for impl in ("onednn", "scan", "fused"):
+  for impl in (kernel, "scan", "fused"):
     saved.model.impl = impl
     losses.append(lm.make_evaluator(saved)(params, ids)["loss"])
   np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
 
 
-@pytest.mark.slow  # two subprocess runs; the kernel = XLA tests and test_four_devices_match_one stay fast
-@needs_onednn
-def test_onednn_four_devices_match_one(tiny_flags, tmp_path):
-  """Under pmap the kernel runs once per device, each on its block of lanes: 4 simulated
-  devices train to the losses of 1 within 1e-5 (two layers, dropout between them)."""
+@pytest.mark.parametrize("kernel", [pytest.param("core", marks=needs_core),
+                                    pytest.param("onednn", marks=[needs_onednn,
+                                                                  pytest.mark.slow])])
+def test_kernels_on_four_devices_match_one(kernel, tiny_flags, tmp_path):
+  """Under pmap the kernel runs once per device, each on its block of lanes (the core's team
+  taken by one device at a time, the others running alone): 4 simulated devices train to the
+  losses of 1 (jax.jit) within 1e-5 (two layers, dropout between them)."""
   losses = {}
   for n in (4, 1):
     workdir = tmp_path / f"dev{n}"
     proc = run_script("train.py", *tiny_flags(
-        workdir, model={"num_layers": 2, "hidden_size": 64, "dropout": 0.1, "impl": "onednn"},
+        workdir, model={"num_layers": 2, "hidden_size": 64, "dropout": 0.1, "impl": kernel},
         data={"batch_size": 8}, train={"steps": 8, "eval_every": 0, "eval_lanes": 4}), devices=n)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -238,8 +300,9 @@ def test_onednn_four_devices_match_one(tiny_flags, tmp_path):
   np.testing.assert_allclose(losses[4], losses[1], rtol=1e-5)
 
 
-@needs_onednn
-def test_onednn_runs_both_directions_of_a_bidirectional_stack():
+@pytest.mark.parametrize("kernel", [pytest.param("core", marks=needs_core),
+                                    pytest.param("onednn", marks=needs_onednn)])
+def test_kernels_run_both_directions_of_a_bidirectional_stack(kernel):
   """The classifier's bidirectional layers (the backward one reads each row's valid steps in
   reverse) give the XLA scan's outputs and carries through the kernel."""
   cell, params, carries, xs, _, _ = _stack("lstm", 1, 3, 9, seed=2)
@@ -248,7 +311,7 @@ def test_onednn_runs_both_directions_of_a_bidirectional_stack():
   lengths = jnp.array([9, 4, 1])
   run = lambda impl: layers.run_stack(cell, params, carries, xs, impl=impl, bidirectional=True,
                                       lengths=lengths)
-  _assert_close(run("onednn"), run("scan"))
+  _assert_close(run(kernel), run("scan"))
 
 
 def test_a_checkpoint_saved_with_an_impl_this_machine_lacks_evaluates_with_auto(

@@ -162,3 +162,37 @@ def test_classifier_on_two_devices_matches_one(tmp_path):
   np.testing.assert_allclose(losses(tmp_path / "2"), losses(tmp_path / "1"), rtol=1e-5)
   assert results[2]["val_accuracy"] == results[1]["val_accuracy"]
   assert results[2]["val_loss"] == pytest.approx(results[1]["val_loss"], rel=1e-5)
+
+
+def test_one_device_runs_jit_and_equals_pmap_of_one_device_bit_for_bit(tiny_config):
+  """On one device `parallel.pmap` is a jax.jit of the step (no pmap in its lowering), and 4
+  steps of it give the parameters, carries and losses of jax.pmap over that one device with
+  the cross-device mean, bit for bit."""
+  import functools
+  from jaxrnn import model, optim, parallel, train
+  from jaxrnn.tasks import lm
+  config = tiny_config(model={"num_layers": 2, "dropout": 0.1})
+  vocab, ids = lm.prepare_data(config)
+  tx = optim.make_optimizer(config.train)
+  devs = parallel.devices(1)
+  assert devs.single
+  step = lambda across: functools.partial(train.train_step, config=config, tx=tx,
+                                          across_devices=across)
+  runs = {"jit": parallel.pmap(step(False), devs),
+          "pmap": jax.pmap(step(True), axis_name=parallel.AXIS, devices=devs.local)}
+  assert "pmap" not in str(runs["jit"].lower(
+      *parallel.replicate((train.create_train_state(config, len(vocab), tx),), devs),
+      parallel.shard(next(lm.train_batches(ids["train"], config, 0))[1], devs),
+      parallel.shard(model.initial_carry(config.model, 4), devs)).as_text())
+  finals = {}
+  for name, fn in runs.items():
+    state = parallel.replicate(train.create_train_state(config, len(vocab), tx), devs)
+    carry = parallel.shard(model.initial_carry(config.model, 4), devs)
+    batches, seen = lm.train_batches(ids["train"], config, 0), []
+    for _ in range(4):
+      state, carry, metrics = fn(state, parallel.shard(next(batches)[1], devs), carry)
+      seen.append(float(parallel.unreplicate(metrics)["loss"]))
+    finals[name] = (jax.device_get(parallel.unreplicate(state.params)),
+                    parallel.unshard(carry), seen)
+  for a, b in zip(jax.tree.leaves(finals["jit"]), jax.tree.leaves(finals["pmap"]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

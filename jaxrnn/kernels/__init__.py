@@ -1,17 +1,23 @@
-"""Whole-layer recurrence kernels outside XLA: oneDNN on a CPU, cuDNN on a GPU.
+"""Whole-layer recurrence kernels outside XLA: jaxrnn's own core and oneDNN on a CPU, cuDNN
+on a GPU.
 
 A kernel runs one layer of a standard cell over all time steps in one call, with the carried
 state in and out: `LAYERS[impl](family, params, carry, xs<float>[b, t, d]) -> (carry,
-ys<float>[b, t, h])`, batch-major as both libraries take it, float32, differentiable.
-`family` is a cell's `kernel` field ("lstm" or "gru"), which promises PyTorch's equations and
-jaxrnn's parameter names (`w_ih`, `w_hh`, `b`, and the GRU's `b_hn`); here they are arranged
-into each library's layout.
+ys<float>[b, t, h])`, batch-major, float32, differentiable. `family` is a cell's `kernel` field
+("lstm", "gru", "rnn_tanh", "rnn_relu"), which promises PyTorch's equations and jaxrnn's
+parameter names (`w_ih`, `w_hh`, `b`, and the GRU's `b_hn`); here they are arranged into each
+kernel's layout.
 
-  onednn  lstm, gru  onednn_rnn.cc (beside this file) through `jax.ffi`: oneDNN's vanilla_lstm
-                     and lbr_gru primitives (forward_inference when not differentiated;
-                     forward_training plus backward under a custom VJP). Built by `pip install`
-                     where a C++ compiler and Intel's onednn wheels are at hand (x86-64 Linux).
-  cudnn   lstm       `jax.experimental.rnn.lstm`, cuDNN's LSTM with its own VJP (GPU only).
+  core    lstm, gru,  rnn_core.cc (beside this file) through `jax.ffi`: the sequential part of
+          rnn         a layer (per step the product with W_hh and the cell's pointwise) in C++,
+                      with everything time-parallel (x W_ih + b; dW_ih, dW_hh, db, dx) as single
+                      large products in XLA, under one custom VJP. Built by `pip install` where
+                      a C++20 compiler is at hand (x86-64 with AVX-512 or AVX2).
+  onednn  lstm, gru   onednn_rnn.cc (beside this file) through `jax.ffi`: oneDNN's vanilla_lstm
+                      and lbr_gru primitives (forward_inference when not differentiated;
+                      forward_training plus backward under a custom VJP). Built by `pip install`
+                      where a C++ compiler and Intel's onednn wheels are at hand (x86-64 Linux).
+  cudnn   lstm        `jax.experimental.rnn.lstm`, cuDNN's LSTM with its own VJP (GPU only).
 
 Each has a pure-JAX twin, the cell's own scan (`layers.recurrence`), which the tests compare
 against, and `layers.resolve` falls back to it where a kernel cannot run.
@@ -32,18 +38,20 @@ import jax.numpy as jnp
 
 from jaxrnn.cells import Carry, Params
 
-FAMILIES = {"onednn": ("lstm", "gru"), "cudnn": ("lstm",)}
+FAMILIES = {"core": ("lstm", "gru", "rnn_tanh", "rnn_relu"), "onednn": ("lstm", "gru"),
+            "cudnn": ("lstm",)}
 _CELL_ID = {"lstm": 0, "gru": 1}  # `Cell` in onednn_rnn.cc
 _HANDLERS = [f"jaxrnn_{family}_{p}" for family in _CELL_ID for p in ("infer", "train", "grad")]
+_PASSES = ("infer", "train", "grad")
 
 
 # ----------------------------------------------------------------------------------- loading
 
-def _extension() -> pathlib.Path | None:
-  """The built `_onednn_rnn` shared object next to this module, if `pip install` built it."""
+def _extension(name: str = "_onednn_rnn") -> pathlib.Path | None:
+  """The built shared object `name` next to this module, if `pip install` built it."""
   here = pathlib.Path(__file__).parent
   for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-    if (path := here / f"_onednn_rnn{suffix}").exists():
+    if (path := here / f"{name}{suffix}").exists():
       return path
   return None
 
@@ -105,8 +113,53 @@ def _load_onednn() -> tuple[ctypes.CDLL | None, str]:
   return lib, ""
 
 
+def _cpu_flags() -> set[str]:
+  """The instruction-set flags of this CPU (/proc/cpuinfo; empty elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def _core_isa() -> str | None:
+  """The build of rnn_core.cc this CPU runs: avx512 (16 floats a vector), avx2 (8), or None."""
+  flags = _cpu_flags()
+  if "avx512f" in flags:
+    return "avx512"
+  if {"avx2", "fma"} <= flags:
+    return "avx2"
+  return None
+
+
+@functools.cache
+def _load_core() -> tuple[ctypes.CDLL | None, str]:
+  """(the loaded core with its FFI targets registered, "") or (None, why not)."""
+  isa = _core_isa()
+  if isa is None:
+    return None, "jaxrnn's core needs an x86-64 CPU with AVX-512 or AVX2 and FMA"
+  extension = _extension(f"_rnn_core_{isa}")
+  if extension is None:
+    return None, (f"jaxrnn's core ({isa}) is not built (`pip install -e .` builds it where a "
+                  "C++20 compiler is available)")
+  try:
+    lib = ctypes.CDLL(str(extension))
+  except OSError as e:
+    return None, f"loading jaxrnn's core failed: {e}"
+  for family in FAMILIES["core"]:
+    for p in _PASSES:
+      name = f"jaxrnn_core_{family}_{p}"
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+  return lib, ""
+
+
 def unavailable(impl: str) -> str:
   """Why kernel `impl` cannot run on this machine ("" when it can)."""
+  if impl == "core":
+    return _load_core()[1]
   if impl == "onednn":
     return _load_onednn()[1]
   if impl == "cudnn":
@@ -118,7 +171,7 @@ def unavailable(impl: str) -> str:
 @functools.cache
 def warn_fallback(impl: str) -> None:
   """Says once per process, on stderr, that `auto` could not use kernel `impl`, and why."""
-  print(f"note: model.impl=auto runs the XLA path, not {impl}: {unavailable(impl)}",
+  print(f"note: model.impl=auto runs the next fastest path, not {impl}: {unavailable(impl)}",
         file=sys.stderr)
 
 
@@ -229,5 +282,99 @@ def cudnn_layer(family: str, params: Params, carry: Carry,
   return (h_n[0], c_n[0]), ys
 
 
+# ---------------------------------------------------------------------------- jaxrnn's core
+
+_CORE_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+_CORE_AUX = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}  # the gates rnn_core.cc keeps
+
+
+def _core_forward(family, train, params, carry, xs):
+  """-> ((carry, ys<[b, t, h]>), aux or None): gx = xs W_ih + b in XLA, then the core's loop."""
+  states = _states(family, carry)
+  b, t, _ = xs.shape
+  h = states[0].shape[-1]
+  gx = jnp.dot(xs, params["w_ih"]) + params["b"]  # [b, t, g]: one product for all steps
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  outs = [f32(b, t, h)] + [f32(b, h)] * len(states)
+  if train:
+    floats = _load_core()[0].jaxrnn_core_vector_floats()
+    padded = -(-h // floats) * floats
+    outs.append(f32(t * b * padded * _CORE_AUX[family]))
+  extra = (params["b_hn"],) if family == "gru" else ()
+  res = _call(f"jaxrnn_core_{family}_{'train' if train else 'infer'}", outs, gx,
+              params["w_hh"], *extra, *states)
+  return (_carry(family, res[1:1 + len(states)]), res[0]), (res[-1] if train else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(family, params, carry, xs):
+  """One layer in the core: the loop without keeping its gates when not differentiated."""
+  return _core_forward(family, False, params, carry, xs)[0]
+
+
+def _core_fwd(family, params, carry, xs):
+  (new_carry, ys), aux = _core_forward(family, True, params, carry, xs)
+  return (new_carry, ys), (params, carry, xs, ys, aux)
+
+
+def _core_bwd(family, residuals, cotangents):
+  """The core's backward loop gives the gates' gradients dG<[b, t, g]>; every weight gradient
+  and dx is then one product over all b * t rows: dW_ih = X^T dG, dW_hh = H_prev^T dG_h,
+  db = sum dG, dx = dG W_ih^T (the GRU's dG_h differs from dG in its n block: r * dn)."""
+  params, carry, xs, ys, aux = residuals
+  d_carry, d_ys = cotangents
+  states = _states(family, carry)
+  b, t, d = xs.shape
+  h, g = ys.shape[-1], params["w_hh"].shape[-1]
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  two = family == "gru"
+  outs = [f32(b, t, g)] * (2 if two else 1) + [f32(b, h)] * len(states)
+  res = _call(f"jaxrnn_core_{family}_grad", outs, params["w_hh"], *states, ys, aux, d_ys,
+              *_states(family, d_carry))
+  d_gx = res[0].reshape(b * t, g)
+  d_gh = res[1].reshape(b * t, g) if two else d_gx
+  d_states = res[2 if two else 1:]
+  rows = lambda x: x.reshape(b * t, x.shape[-1])
+  h_prev = jnp.concatenate([states[0][:, None], ys[:, :-1]], axis=1)
+  over_rows = (((0,), (0,)), ((), ()))  # contract the b * t rows
+  grads = {"w_ih": jax.lax.dot_general(rows(xs), d_gx, over_rows),
+           "w_hh": jax.lax.dot_general(rows(h_prev), d_gh, over_rows),
+           "b": d_gx.sum(0)}
+  if two:
+    grads["b_hn"] = d_gh[:, 2 * h:].sum(0)
+  d_xs = jnp.dot(d_gx, params["w_ih"].T).reshape(b, t, d)
+  return grads, _carry(family, d_states), d_xs
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def core_layer(family: str, params: Params, carry: Carry,
+               xs: jax.Array) -> tuple[Carry, jax.Array]:
+  """A `family` layer over xs<float32>[b, t, d] in jaxrnn's core -> (carry, ys<float32>[b, t, h])."""
+  if why := unavailable("core"):
+    raise RuntimeError(f"model.impl=core cannot run: {why}")
+  return _core(family, params, carry, xs)
+
+
 Layer = Callable[[str, Params, Carry, jax.Array], tuple[Carry, jax.Array]]
-LAYERS: dict[str, Layer] = {"onednn": onednn_layer, "cudnn": cudnn_layer}
+LAYERS: dict[str, Layer] = {"core": core_layer, "onednn": onednn_layer, "cudnn": cudnn_layer}
+
+
+def per_pass(infer: str, train: str) -> Layer:
+  """A layer that runs kernel `infer` where it is not differentiated (evaluation, a sampling
+  prefix) and kernel `train` where it is: its VJP is `train`'s. The two agree to 1e-5."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def layer(family, params, carry, xs):
+    return LAYERS[infer](family, params, carry, xs)
+
+  def layer_fwd(family, params, carry, xs):
+    out, vjp = jax.vjp(functools.partial(LAYERS[train], family), params, carry, xs)
+    return out, vjp
+
+  def layer_bwd(family, vjp, cotangents):
+    del family
+    return vjp(cotangents)
+
+  layer.defvjp(layer_fwd, layer_bwd)
+  return layer

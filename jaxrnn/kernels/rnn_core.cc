@@ -1,0 +1,644 @@
+// The recurrence of jaxrnn's rnn, gru and lstm layers on a CPU, as XLA FFI handlers.
+//
+// A layer's time-parallel work (the input projection gx = x W_ih + b; in the backward pass
+// dW_ih, dW_hh, db and dx) is a few large matrix products over all t*b rows, which XLA runs
+// (jaxrnn/kernels/__init__.py). What is left is sequential: per time step one small product of
+// the carried state with the recurrent weight W_hh, and the cell's pointwise on the gates.
+// This file runs that loop: W_hh is packed once per call into panels of whole vectors, and per
+// step each task (a block of units) takes its product for every row and at once applies the
+// pointwise to it, so the gates never make a second pass through memory.
+//
+// Handlers, for cell in {lstm, gru, rnn_tanh, rnn_relu} (float32, row-major, batch-major):
+//   jaxrnn_core_<cell>_infer: gx[b, t, G h], w_hh[h, G h], [b_hn[h]], h0[b, h], [c0[b, h]]
+//                             -> ys[b, t, h], hT[b, h], [cT[b, h]]
+//   jaxrnn_core_<cell>_train: the same -> the same, aux[t, b, hp, A] (the gates the backward
+//                             pass reads; hp = h rounded up to whole vectors)
+//   jaxrnn_core_<cell>_grad:  w_hh, h0, [c0], ys, aux, d_ys, d_hT, [d_cT]
+//                             -> d_gx[b, t, G h], [d_gh[b, t, G h]: gru], d_h0, [d_c0]
+// with G gates per unit (lstm 4: i f g o; gru 3: r z n; rnn 1) in PyTorch's order, gx
+// including the biases, d_gx the gradient of the gates' pre-activations and (gru) d_gh that of
+// h W_hh + (0, 0, b_hn), from which XLA takes dW_hh and db_hn.
+//
+// The vectors are GCC vector extensions of kW floats; setup.py builds this file once per ISA
+// (AVX-512: 16 floats, AVX2 + FMA: 8), and Python loads the build the CPU runs. exp and tanh
+// are vectorized here (Cephes' exp, Eigen's rational tanh): a few float32 ulps, which the tests
+// bound against XLA, PyTorch and a float64 loop. Threads: the caller and a team of helpers
+// that take tasks while they are free (`Team`), so a busy core delays a step by one task at
+// most, not by a whole barrier; results do not depend on which thread ran a task.
+
+#include <pthread.h>
+#include <sched.h>
+#include <xmmintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#ifndef JAXRNN_VECTOR_FLOATS
+#error "setup.py sets JAXRNN_VECTOR_FLOATS (16 with -mavx512f, 8 with -mavx2 -mfma)"
+#endif
+constexpr int kW = JAXRNN_VECTOR_FLOATS;   // floats per vector
+constexpr int kRegs = kW == 16 ? 32 : 16;  // vector registers
+typedef float vf __attribute__((vector_size(kW * 4)));
+typedef int32_t vi __attribute__((vector_size(kW * 4)));
+typedef float vfu __attribute__((vector_size(kW * 4), aligned(4)));  // unaligned access
+
+inline vf Load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+template <size_t... I>
+inline vf SplatLanes(float s, std::index_sequence<I...>) { return vf{((void)I, s)...}; }
+inline vf Splat(float s) { return SplatLanes(s, std::make_index_sequence<kW>{}); }
+inline vf Min(vf a, vf b) { return a < b ? a : b; }
+inline vf Max(vf a, vf b) { return a > b ? a : b; }
+
+// The first n <= kW floats at p; the rest 0 (the last, partial vector of a row of units).
+inline vf LoadN(const float* p, int n) {
+  if (n == kW) return Load(p);
+  float lanes[kW] = {};
+  std::memcpy(lanes, p, n * sizeof(float));
+  return Load(lanes);
+}
+
+inline void StoreN(float* p, vf v, int n) {
+  if (n == kW) return Store(p, v);
+  float lanes[kW];
+  Store(lanes, v);
+  std::memcpy(p, lanes, n * sizeof(float));
+}
+
+// e^x (Cephes' expf: n = round(x / ln 2), a degree-6 polynomial of the rest, times 2^n).
+inline vf Exp(vf x) {
+  x = Min(Max(x, Splat(-87.3f)), Splat(88.0f));  // 2^n stays a normal float
+  const vf shifter = Splat(12582912.0f);           // 1.5 * 2^23: rounds to an integer
+  const vf t = x * Splat(1.44269504088896341f) + shifter;
+  const vf n = t - shifter;
+  const vf r = x - n * Splat(0.693359375f) - n * Splat(-2.12194440e-4f);
+  vf p = Splat(1.9875691500e-4f);
+  p = p * r + Splat(1.3981999507e-3f);
+  p = p * r + Splat(8.3334519073e-3f);
+  p = p * r + Splat(4.1665795894e-2f);
+  p = p * r + Splat(1.6666665459e-1f);
+  p = p * r + Splat(5.0000001201e-1f);
+  p = p * (r * r) + r + Splat(1.0f);
+  const vi two_n = ((reinterpret_cast<const vi&>(t) - 0x4B400000) + 127) << 23;
+  return p * reinterpret_cast<const vf&>(two_n);
+}
+
+inline vf Sigmoid(vf x) { return Splat(1.0f) / (Splat(1.0f) + Exp(-x)); }
+
+// tanh(x) as Eigen's (and XLA's) float rational approximation x P(x^2) / Q(x^2).
+inline vf Tanh(vf x) {
+  x = Min(Max(x, Splat(-7.90531110763549805f)), Splat(7.90531110763549805f));
+  const vf x2 = x * x;
+  vf p = Splat(-2.76076847742355e-16f);
+  p = p * x2 + Splat(2.00018790482477e-13f);
+  p = p * x2 + Splat(-8.60467152213735e-11f);
+  p = p * x2 + Splat(5.12229709037114e-08f);
+  p = p * x2 + Splat(1.48572235717979e-05f);
+  p = p * x2 + Splat(6.37261928875436e-04f);
+  p = p * x2 + Splat(4.89352455891786e-03f);
+  vf q = Splat(1.19825839466702e-06f);
+  q = q * x2 + Splat(1.18534705686654e-04f);
+  q = q * x2 + Splat(2.26843463243900e-03f);
+  q = q * x2 + Splat(4.89352518554385e-03f);
+  return x * p / q;
+}
+
+// ------------------------------------------------------------------------------------ threads
+
+// Runs `fn(task)` for task in [0, n) on the calling thread and on the helpers free to join.
+// Tasks are claimed one at a time from a shared ticket (epoch, n, next), so a helper that is
+// descheduled or asleep holds back at most the one task it took. Helpers spin briefly between
+// jobs (the steps of a layer follow each other closely), then sleep until the next job.
+class Team {
+ public:
+  explicit Team(int helpers) {
+    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { Help(); });
+  }
+
+  int size() const { return 1 + static_cast<int>(threads_.size()); }
+
+  void Run(int n, const std::function<void(int)>& fn) {
+    if (n == 1 || threads_.empty()) {
+      for (int i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    std::unique_lock<std::mutex> busy(mu_, std::try_to_lock);
+    if (!busy.owns_lock()) {  // another layer runs the team (e.g. pmap's devices): go alone
+      for (int i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    fn_ = &fn;
+    done_.store(0, std::memory_order_relaxed);
+    epoch_ = (epoch_ + 1) & kEpochMask;
+    ticket_.store(Pack(epoch_, n, 0), std::memory_order_release);
+    if (sleeping_.load(std::memory_order_acquire) > 0) {
+      wake_.fetch_add(1, std::memory_order_release);
+      wake_.notify_all();
+    }
+    int mine = 0;
+    for (int task; (task = Claim(epoch_)) >= 0; ++mine) fn(task);
+    done_.fetch_add(mine, std::memory_order_acq_rel);
+    // Wait for the helpers' tasks; yield after a while, in case one of them shares our core.
+    const auto start = std::chrono::steady_clock::now();
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
+      _mm_pause();
+      if ((spins & 255) == 255 &&
+          std::chrono::steady_clock::now() - start > std::chrono::microseconds(50)) {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr uint64_t kEpochMask = (1ull << 24) - 1;
+  static uint64_t Pack(uint64_t epoch, uint64_t n, uint64_t next) {
+    return epoch << 40 | n << 20 | next;
+  }
+
+  // The next task of job `epoch`, or -1 once it has none left (or a newer job has begun).
+  int Claim(uint64_t epoch) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t e = t >> 40, n = (t >> 20) & 0xFFFFF, next = t & 0xFFFFF;
+      if (e != epoch || next >= n) return -1;
+      if (ticket_.compare_exchange_weak(t, Pack(e, n, next + 1), std::memory_order_acq_rel)) {
+        return static_cast<int>(next);
+      }
+    }
+  }
+
+  void Help() {
+    _mm_setcsr(_mm_getcsr() | 0x8040);  // flush denormals to zero, as XLA's own threads do
+    uint64_t seen = 0;
+    for (;;) {
+      const uint64_t epoch = WaitForJob(seen);
+      seen = epoch;
+      int mine = 0;
+      for (int task; (task = Claim(epoch)) >= 0; ++mine) (*fn_)(task);
+      if (mine) done_.fetch_add(mine, std::memory_order_acq_rel);
+    }
+  }
+
+  // Spins about 30 us for a job newer than `seen`, then sleeps until one is posted.
+  uint64_t WaitForJob(uint64_t seen) {
+    const auto start = std::chrono::steady_clock::now();
+    for (int spins = 0;; ++spins) {
+      const uint64_t epoch = ticket_.load(std::memory_order_acquire) >> 40;
+      if (epoch != seen) return epoch;
+      _mm_pause();
+      if ((spins & 127) == 127 &&
+          std::chrono::steady_clock::now() - start > std::chrono::microseconds(30)) {
+        const uint32_t wake = wake_.load(std::memory_order_acquire);
+        sleeping_.fetch_add(1, std::memory_order_acq_rel);
+        if ((ticket_.load(std::memory_order_acquire) >> 40) == seen) wake_.wait(wake);
+        sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::mutex mu_;  // one job at a time
+  uint64_t epoch_ = 0;
+  const std::function<void(int)>* fn_ = nullptr;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int> done_{0};
+  std::atomic<uint32_t> wake_{0};
+  std::atomic<int> sleeping_{0};
+  std::vector<std::thread> threads_;
+};
+
+int CoresHere() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// One team per process, as many threads as the cores this process may run on (or
+// JAXRNN_CORE_THREADS); never destroyed, so that its threads outlive every call.
+Team& TheTeam() {
+  static Team* team = [] {
+    int threads = CoresHere();
+    if (const char* env = std::getenv("JAXRNN_CORE_THREADS")) threads = std::max(1, atoi(env));
+    return new Team(threads - 1);
+  }();
+  return *team;
+}
+
+// --------------------------------------------------------------------------------- the tiles
+
+// acc[r * NV + v] += sum_k a[r * lda + k] bp[(k * NV + v) * kW ...]: MR rows of A (row-major,
+// lda) times a packed panel of NV vectors per k. The sum runs in k order, whatever the thread.
+template <int MR, int NV>
+[[gnu::always_inline]] inline void Tile(const float* __restrict__ a, long lda, long k_size,
+                                        const float* __restrict__ bp, vf* __restrict__ acc) {
+  vf c[MR][NV];  // in registers
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = acc[r * NV + v];
+  for (long k = 0; k < k_size; ++k) {
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Load(bp + (k * NV + v) * kW);
+    for (int r = 0; r < MR; ++r) {
+      const vf av = Splat(a[r * lda + k]);
+      for (int v = 0; v < NV; ++v) c[r][v] += av * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r * NV + v] = c[r][v];
+}
+
+// Rows per tile for NV vectors per row: as many as the registers hold beside the panel's.
+constexpr int RowsFor(int nv) { return std::min(8, (kRegs - nv - 2) / nv); }
+
+// A task's product and pointwise for rows [0, rows): prefetch(row) asks for what finish will
+// read of a row, then acc = a (rows x k_size, lda) times the packed panel bp (0 when a is
+// null), and finish(row, acc) uses a row's NV vectors. The product runs in blocks of k whose
+// slice of the panel (16 KB) stays in the L1 cache while every tile of rows passes over it;
+// the prefetches, issued first, arrive while it runs (the rows of a step lie a sequence apart).
+template <int NV, class Prefetch, class Finish>
+void Rows(int rows, const float* a, long lda, long k_size, const float* bp,
+          const Prefetch& prefetch, const Finish& finish) {
+  constexpr int MR = RowsFor(NV);
+  constexpr long kBlock = std::max(32, 16384 / (NV * kW * 4));
+  thread_local std::vector<vf> buffer;
+  if (buffer.size() < static_cast<size_t>(rows) * NV) buffer.resize(static_cast<size_t>(rows) * NV);
+  vf* acc = buffer.data();
+  for (int r = 0; r < rows; ++r) prefetch(r);
+  std::fill(acc, acc + static_cast<size_t>(rows) * NV, vf{});
+  for (long k0 = 0; a != nullptr && k0 < k_size; k0 += kBlock) {
+    const long kn = std::min(kBlock, k_size - k0);
+    const float* panel = bp + k0 * NV * kW;
+    int row = 0;
+    for (; row + MR <= rows; row += MR) Tile<MR, NV>(a + row * lda + k0, lda, kn, panel, acc + row * NV);
+    if constexpr (MR > 1) {
+      if (row < rows) {  // the rest, as a tile of that many rows
+        [&]<int... R>(std::integer_sequence<int, R...>) {
+          ((rows - row == R + 1
+                ? (Tile<R + 1, NV>(a + row * lda + k0, lda, kn, panel, acc + row * NV), 0)
+                : 0),
+           ...);
+        }(std::make_integer_sequence<int, MR - 1>{});
+      }
+    }
+  }
+  for (int r = 0; r < rows; ++r) finish(r, acc + r * NV);
+}
+
+// ---------------------------------------------------------------------------------- the cells
+
+// A cell's sizes and pointwise. Per task, the forward pass owns kUnitVectors vectors of units
+// and packs NV = kGates * kUnitVectors vectors per k (gate-major); the backward pass owns
+// kBackVectors vectors of units. aux holds kAux vectors per unit vector, row and step.
+struct Lstm {
+  static constexpr int kGates = 4, kUnitVectors = 1, kAux = 5, kBackVectors = 2;
+  static constexpr bool kCell = true, kTwoGrads = false;
+};
+struct Gru {
+  static constexpr int kGates = 3, kUnitVectors = 1, kAux = 4, kBackVectors = 2;
+  static constexpr bool kCell = false, kTwoGrads = true;
+};
+template <bool kRelu>
+struct Rnn {
+  static constexpr int kGates = 1, kUnitVectors = 4, kAux = 0, kBackVectors = 2;
+  static constexpr bool kCell = false, kTwoGrads = false;
+};
+
+template <class C>
+struct Shape {
+  long b, t, h;
+  long hp() const { return (h + kW - 1) / kW * kW; }  // units, padded to whole vectors
+  long g() const { return C::kGates * h; }             // gate columns
+  int unit_vectors() const { return static_cast<int>(hp() / kW); }
+  int forward_tasks() const { return (unit_vectors() + C::kUnitVectors - 1) / C::kUnitVectors; }
+  int backward_tasks() const { return (unit_vectors() + C::kBackVectors - 1) / C::kBackVectors; }
+  int lanes(int unit_vector) const {  // real units in a vector: kW, or fewer in the last
+    return static_cast<int>(std::min<long>(kW, h - static_cast<long>(unit_vector) * kW));
+  }
+};
+
+// Per-thread scratch, grown when a call needs more and otherwise reused.
+float* Scratch(int use, size_t floats) {
+  thread_local std::vector<float> buffers[4];
+  if (buffers[use].size() < floats) buffers[use].resize(floats);
+  return buffers[use].data();
+}
+
+// The batch's rows in contiguous parts, one per thread of the team: rows are independent, so
+// each part runs every time step on its own, with no wait between steps.
+int Parts(long b) { return static_cast<int>(std::min<long>(TheTeam().size(), b)); }
+long PartStart(long b, int part) { return b * part / Parts(b); }
+
+// W_hh[h, G h] -> forward panels [task][k < hp][gate][unit vector][kW], zero past h.
+template <class C>
+const float* PackForward(const Shape<C>& s, const float* w) {
+  constexpr int NV = C::kGates * C::kUnitVectors;
+  const long hp = s.hp(), g = s.g();
+  float* packed = Scratch(0, static_cast<size_t>(s.forward_tasks()) * hp * NV * kW);
+  TheTeam().Run(s.forward_tasks(), [&](int task) {
+    float* out = packed + static_cast<long>(task) * hp * NV * kW;
+    for (long k = 0; k < hp; ++k) {
+      for (int gate = 0; gate < C::kGates; ++gate) {
+        for (int u = 0; u < C::kUnitVectors; ++u, out += kW) {
+          const int uv = task * C::kUnitVectors + u;
+          const int n = uv < s.unit_vectors() && k < s.h ? s.lanes(uv) : 0;
+          std::memset(out, 0, kW * sizeof(float));
+          if (n > 0) std::memcpy(out, w + k * g + gate * s.h + uv * kW, n * sizeof(float));
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// W_hh^T[G h, h] -> backward panels [task][k < G h][unit vector][kW], zero past h.
+template <class C>
+const float* PackBackward(const Shape<C>& s, const float* w) {
+  constexpr int NV = C::kBackVectors;
+  const long g = s.g();
+  float* packed = Scratch(1, static_cast<size_t>(s.backward_tasks()) * g * NV * kW);
+  TheTeam().Run(s.backward_tasks(), [&](int task) {
+    float* out = packed + static_cast<long>(task) * g * NV * kW;
+    std::memset(out, 0, g * NV * kW * sizeof(float));
+    for (int v = 0; v < NV; ++v) {
+      const int uv = task * NV + v;
+      if (uv >= s.unit_vectors()) continue;
+      for (int lane = 0; lane < s.lanes(uv); ++lane) {
+        const float* row = w + (static_cast<long>(uv) * kW + lane) * g;
+        for (long k = 0; k < g; ++k) out[(k * NV + v) * kW + lane] = row[k];
+      }
+    }
+  });
+  return packed;
+}
+
+// ------------------------------------------------------------------------------- forward pass
+
+struct ForwardIo {
+  const float *gx, *w, *b_hn, *h0, *c0;
+  float *ys, *h_last, *c_last, *aux;  // aux: null in inference
+};
+
+template <class C>
+void Forward(const Shape<C>& s, const ForwardIo& io) {
+  constexpr int NV = C::kGates * C::kUnitVectors;
+  const long b = s.b, t_size = s.t, h = s.h, hp = s.hp(), g = s.g();
+  const float* packed = PackForward(s, io.w);
+  // The carried state, padded to hp units with zeros (which stay zero: their weights are 0).
+  float* h_prev = Scratch(2, 2 * b * hp);
+  float* h_next = h_prev + b * hp;
+  float* c = Scratch(3, b * hp);
+  std::memset(h_prev, 0, 2 * b * hp * sizeof(float));
+  std::memset(c, 0, b * hp * sizeof(float));
+  for (long r = 0; r < b; ++r) {
+    std::memcpy(h_prev + r * hp, io.h0 + r * h, h * sizeof(float));
+    if (C::kCell) std::memcpy(c + r * hp, io.c0 + r * h, h * sizeof(float));
+  }
+  TheTeam().Run(Parts(b), [&](int part) {
+    const long r0 = PartStart(b, part), rows = PartStart(b, part + 1) - r0;
+    float* mine = h_prev + r0 * hp;  // this part's rows of the state, and of the next one
+    float* next = h_next + r0 * hp;
+    for (long t = 0; t < t_size; ++t) {
+      for (int task = 0; task < s.forward_tasks(); ++task) {
+        const float* bp = packed + static_cast<long>(task) * hp * NV * kW;
+        auto prefetch = [&](int r) {
+          const float* gx = io.gx + ((r0 + r) * t_size + t) * g;
+          for (int gate = 0; gate < C::kGates; ++gate) {
+            for (int u = 0; u < C::kUnitVectors; ++u) {
+              __builtin_prefetch(gx + gate * h + (task * C::kUnitVectors + u) * kW);
+            }
+          }
+        };
+        auto finish = [&](int r, vf* acc) {
+          const long row = r0 + r;
+          const float* gx = io.gx + (row * t_size + t) * g;
+          for (int u = 0; u < C::kUnitVectors; ++u) {
+            const int uv = task * C::kUnitVectors + u;
+            if (uv >= s.unit_vectors()) continue;
+            const int n = s.lanes(uv);
+            auto gate_in = [&](int gate) { return LoadN(gx + gate * h + uv * kW, n); };
+            const long at = r * hp + uv * kW;  // in this part's rows
+            float* aux = io.aux == nullptr ? nullptr
+                                           : io.aux + ((t * b + row) * hp + uv * kW) * C::kAux;
+            vf out;
+            if constexpr (C::kGates == 4) {  // lstm
+              const vf i = Sigmoid(acc[0] + gate_in(0)), f = Sigmoid(acc[1] + gate_in(1)),
+                       gg = Tanh(acc[2] + gate_in(2)), o = Sigmoid(acc[3] + gate_in(3));
+              float* cell = c + r0 * hp + at;
+              const vf cn = f * Load(cell) + i * gg;
+              out = o * Tanh(cn);
+              Store(cell, cn);
+              if (aux) {
+                Store(aux, i), Store(aux + kW, f), Store(aux + 2 * kW, gg);
+                Store(aux + 3 * kW, o), Store(aux + 4 * kW, cn);
+              }
+            } else if constexpr (C::kGates == 3) {  // gru
+              const vf z = Sigmoid(acc[1] + gate_in(1)), r_ = Sigmoid(acc[0] + gate_in(0));
+              const vf hn = acc[2] + LoadN(io.b_hn + uv * kW, n);
+              const vf nn = Tanh(gate_in(2) + r_ * hn);
+              out = nn + z * (Load(mine + at) - nn);
+              if (aux) {
+                Store(aux, r_), Store(aux + kW, z), Store(aux + 2 * kW, nn);
+                Store(aux + 3 * kW, hn);
+              }
+            } else {  // rnn
+              const vf pre = acc[u] + gate_in(0);
+              if constexpr (std::is_same_v<C, Rnn<true>>) {
+                out = Max(pre, vf{});
+              } else {
+                out = Tanh(pre);
+              }
+            }
+            Store(next + at, out);  // padding units stay 0: their gx, weights and state are 0
+            StoreN(io.ys + (row * t_size + t) * h + uv * kW, out, n);
+          }
+        };
+        Rows<NV>(static_cast<int>(rows), mine, hp, hp, bp, prefetch, finish);
+      }
+      std::swap(mine, next);
+    }
+    for (long r = 0; r < rows; ++r) {
+      std::memcpy(io.h_last + (r0 + r) * h, mine + r * hp, h * sizeof(float));
+      if (C::kCell) std::memcpy(io.c_last + (r0 + r) * h, c + (r0 + r) * hp, h * sizeof(float));
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------ backward pass
+
+struct BackwardIo {
+  const float *w, *h0, *c0, *ys, *aux, *d_ys, *d_h_last, *d_c_last;
+  float *d_gx, *d_gh, *d_h0, *d_c0;  // d_gh: gru only
+};
+
+// Per step, from the last: dh = dy_t + (the next step's gate gradient) W_hh^T (+ the gru's
+// direct path dh_{t+1} z), then the cell's pointwise gives this step's gate gradients. A final
+// product gives d_h0.
+template <class C>
+void Backward(const Shape<C>& s, const BackwardIo& io) {
+  constexpr int NV = C::kBackVectors;
+  const long b = s.b, t_size = s.t, h = s.h, hp = s.hp(), g = s.g();
+  const float* packed = PackBackward(s, io.w);
+  // dc (lstm) or the direct path dh * z (gru), per padded unit; rnn needs neither.
+  float* carried = Scratch(2, b * hp);
+  std::memset(carried, 0, b * hp * sizeof(float));
+  if (C::kCell) {
+    for (long r = 0; r < b; ++r) std::memcpy(carried + r * hp, io.d_c_last + r * h, h * sizeof(float));
+  }
+  const float* product_source = C::kTwoGrads ? io.d_gh : io.d_gx;  // what meets W_hh^T
+  TheTeam().Run(Parts(b), [&](int part) {
+  const long r0 = PartStart(b, part), rows = PartStart(b, part + 1) - r0;
+  for (long step = t_size - 1; step >= -1; --step) {  // step -1: the pass that gives d_h0
+    const bool first = step == t_size - 1, last_pass = step == -1;
+    // The next step's gate gradients, this part's rows (at b * t * g apart).
+    const float* a = first ? nullptr : product_source + (r0 * t_size + step + 1) * g;
+    for (int task = 0; task < s.backward_tasks(); ++task) {
+      const float* bp = packed + static_cast<long>(task) * g * NV * kW;
+      auto prefetch = [&](int r) {
+        const long row = r0 + r;
+        for (int v = 0; v < NV && !last_pass; ++v) {
+          const long uv = task * NV + v;
+          __builtin_prefetch(io.d_ys + (row * t_size + step) * h + uv * kW);
+          if (C::kAux) {
+            const float* aux = io.aux + ((step * b + row) * hp + uv * kW) * C::kAux;
+            for (int q = 0; q < C::kAux; ++q) __builtin_prefetch(aux + q * kW);
+          }
+        }
+      };
+      auto finish = [&](int r, vf* acc) {
+        const long row = r0 + r;
+        for (int v = 0; v < NV; ++v) {
+          const int uv = task * NV + v;
+          if (uv >= s.unit_vectors()) continue;
+          const int n = s.lanes(uv);
+          if (first) acc[v] += LoadN(io.d_h_last + row * h + uv * kW, n);
+          if (!last_pass) acc[v] += LoadN(io.d_ys + (row * t_size + step) * h + uv * kW, n);
+          if (C::kTwoGrads) acc[v] += Load(carried + row * hp + uv * kW);  // gru: dh_{t+1} z
+          if (last_pass) {
+            StoreN(io.d_h0 + row * h + uv * kW, acc[v], n);
+            continue;
+          }
+          const vf dh = acc[v];
+          const long at = row * hp + uv * kW;
+          float* dg = io.d_gx + (row * t_size + step) * g + uv * kW;
+          if constexpr (C::kGates == 4) {  // lstm
+            const float* aux = io.aux + ((step * b + row) * hp + uv * kW) * C::kAux;
+            const vf i = Load(aux), f = Load(aux + kW), gg = Load(aux + 2 * kW),
+                     o = Load(aux + 3 * kW), cn = Load(aux + 4 * kW);
+            const vf cp = step == 0 ? LoadN(io.c0 + row * h + uv * kW, n)
+                                    : Load(io.aux + (((step - 1) * b + row) * hp + uv * kW) *
+                                                        C::kAux + 4 * kW);
+            const vf tc = Tanh(cn);
+            const vf dc = Load(carried + at) + dh * o * (Splat(1.0f) - tc * tc);
+            const vf one = Splat(1.0f);
+            StoreN(dg, dc * gg * i * (one - i), n);
+            StoreN(dg + h, dc * cp * f * (one - f), n);
+            StoreN(dg + 2 * h, dc * i * (one - gg * gg), n);
+            StoreN(dg + 3 * h, dh * tc * o * (one - o), n);
+            Store(carried + at, dc * f);
+          } else if constexpr (C::kGates == 3) {  // gru
+            const float* aux = io.aux + ((step * b + row) * hp + uv * kW) * C::kAux;
+            const vf r = Load(aux), z = Load(aux + kW), nn = Load(aux + 2 * kW),
+                     hn = Load(aux + 3 * kW), one = Splat(1.0f);
+            const vf hp_ = step == 0 ? LoadN(io.h0 + row * h + uv * kW, n)
+                                     : LoadN(io.ys + (row * t_size + step - 1) * h + uv * kW, n);
+            const vf dpn = dh * (one - z) * (one - nn * nn);
+            const vf dpr = dpn * hn * r * (one - r);
+            const vf dpz = dh * (hp_ - nn) * z * (one - z);
+            float* dgh = io.d_gh + (row * t_size + step) * g + uv * kW;
+            StoreN(dg, dpr, n), StoreN(dg + h, dpz, n), StoreN(dg + 2 * h, dpn, n);
+            StoreN(dgh, dpr, n), StoreN(dgh + h, dpz, n), StoreN(dgh + 2 * h, dpn * r, n);
+            Store(carried + at, dh * z);
+          } else {  // rnn: the output is the state
+            const vf y = LoadN(io.ys + (row * t_size + step) * h + uv * kW, n);
+            vf dpre;
+            if constexpr (std::is_same_v<C, Rnn<true>>) {
+              dpre = y > vf{} ? dh : vf{};
+            } else {
+              dpre = dh * (Splat(1.0f) - y * y);
+            }
+            StoreN(dg, dpre, n);
+          }
+        }
+      };
+      Rows<NV>(static_cast<int>(rows), a, t_size * g, g, bp, prefetch, finish);
+    }
+  }
+  });
+  if (C::kCell) {
+    for (long r = 0; r < b; ++r) std::memcpy(io.d_c0 + r * h, carried + r * hp, h * sizeof(float));
+  }
+}
+
+// ------------------------------------------------------------------------------------ the FFI
+
+float* Ptr(const ffi::AnyBuffer& buffer) {
+  return static_cast<float*>(const_cast<void*>(buffer.untyped_data()));
+}
+
+template <class C>
+Shape<C> ShapeOf(const ffi::AnyBuffer& seq, const ffi::AnyBuffer& h0) {
+  const auto sd = seq.dimensions();
+  return Shape<C>{sd[0], sd[1], h0.dimensions()[1]};
+}
+
+// Forward: args gx, w_hh, [b_hn], h0, [c0]; rets ys, hT, [cT], [aux].
+template <class C, bool kTrain>
+ffi::Error ForwardHandler(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  auto arg = [&](size_t i) { return args.get<ffi::AnyBuffer>(i).value(); };
+  auto ret = [&](size_t i) { return Ptr(*rets.get<ffi::AnyBuffer>(i).value()); };
+  const int gru = C::kTwoGrads, c = C::kCell;
+  const Shape<C> s = ShapeOf<C>(arg(0), arg(2 + gru));
+  ForwardIo io{Ptr(arg(0)), Ptr(arg(1)), gru ? Ptr(arg(2)) : nullptr, Ptr(arg(2 + gru)),
+               c ? Ptr(arg(3 + gru)) : nullptr, ret(0), ret(1), c ? ret(2) : nullptr,
+               kTrain && C::kAux ? ret(2 + c) : nullptr};
+  if (s.t > 0) Forward(s, io);
+  return ffi::Error::Success();
+}
+
+// Backward: args w_hh, h0, [c0], ys, aux, d_ys, d_hT, [d_cT]; rets d_gx, [d_gh], d_h0, [d_c0].
+template <class C>
+ffi::Error BackwardHandler(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  auto arg = [&](size_t i) { return args.get<ffi::AnyBuffer>(i).value(); };
+  auto ret = [&](size_t i) { return Ptr(*rets.get<ffi::AnyBuffer>(i).value()); };
+  const int gru = C::kTwoGrads, c = C::kCell;
+  const Shape<C> s = ShapeOf<C>(arg(2 + c), arg(1));
+  BackwardIo io{Ptr(arg(0)),     Ptr(arg(1)),         c ? Ptr(arg(2)) : nullptr,
+                Ptr(arg(2 + c)), Ptr(arg(3 + c)),     Ptr(arg(4 + c)),
+                Ptr(arg(5 + c)), c ? Ptr(arg(6 + c)) : nullptr,
+                ret(0),          gru ? ret(1) : nullptr, ret(1 + gru), c ? ret(2 + gru) : nullptr};
+  if (s.t > 0) Backward(s, io);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define JAXRNN_CORE(cell, type)                                                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_infer, (ForwardHandler<type, false>),    \
+                                ffi::Ffi::Bind().RemainingArgs().RemainingRets());            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_train, (ForwardHandler<type, true>),     \
+                                ffi::Ffi::Bind().RemainingArgs().RemainingRets());            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_grad, BackwardHandler<type>,             \
+                                ffi::Ffi::Bind().RemainingArgs().RemainingRets())
+
+JAXRNN_CORE(lstm, Lstm);
+JAXRNN_CORE(gru, Gru);
+JAXRNN_CORE(rnn_tanh, Rnn<false>);
+JAXRNN_CORE(rnn_relu, Rnn<true>);
+
+// Floats per vector of this build, and the threads of its team (read by Python).
+extern "C" int jaxrnn_core_vector_floats() { return kW; }
+extern "C" int jaxrnn_core_threads() { return TheTeam().size(); }
