@@ -98,7 +98,11 @@ def resolve(cell: Cell, impl: str, hidden_size: int, steps: int,
   float32 = cell.dtype == jnp.float32
   if platform == "cpu":
     if float32 and steps > 1 and hidden_size >= ONEDNN_MIN_HIDDEN:
-      passes = [_fastest_here(cell, order) for order in (CPU_INFER, CPU_TRAIN)]
+      infer = CPU_INFER
+      if _fastest_here(cell, CPU_INFER) == "onednn" and kernels.openmp_shared():
+        infer = CPU_INFER[::-1]  # oneDNN's OpenMP team would spin on another library's terms
+        kernels.warn_openmp_shared()
+      passes = [_fastest_here(cell, order) for order in (infer, CPU_TRAIN)]
       if all(passes):
         return passes[0] if passes[0] == passes[1] else "/".join(passes)
     return "fused" if cell.name in CPU_FUSED else "scan"

@@ -126,24 +126,25 @@ def test_a_diverged_run_resumes_from_a_sane_checkpoint_as_its_message_says(tmp_p
   assert result["step"] == 60 and result["val_loss"] < math.log(60)
 
 
-def test_resume_step_moves_the_newer_checkpoints_aside_once(tiny_flags, tmp_path):
-  """--config.train.resume_step=5 on a run saved at 5, 10, 15: it resumes from 5, moves 10 and
-  15 to damaged/, and trains on; the same command again resumes from its own latest save,
-  moving nothing."""
+def test_resume_step_moves_the_newer_checkpoints_aside_once(tiny_config, tmp_path, capsys):
+  """train.resume_step=5 on a run saved at 5, 10, 15: it resumes from 5, moves 10 and 15 to
+  damaged/, and trains on; the same config again resumes from its own latest save, moving
+  nothing; a step that was never saved is a one-line error listing the saved ones."""
+  from jaxrnn import UserError, train
   workdir = tmp_path / "run"
-  flags = lambda steps, *more: tiny_flags(workdir, train={"steps": steps, "ckpt_every": 5,
-                                                          "keep": 5}) + list(more)
-  assert run_script("train.py", *flags(15)).returncode == 0
-  proc = run_script("train.py", *flags(20, "--config.train.resume_step=5"))
-  assert proc.returncode == 0, proc.stderr
-  assert "resuming from the checkpoint at step 5" in proc.stderr
+  config = lambda steps, resume="latest": tiny_config(
+      train={"steps": steps, "ckpt_every": 5, "keep": 5, "log_every": 5, "resume_step": resume})
+  train.train_and_evaluate(config(15), str(workdir))
+  capsys.readouterr()
+  train.train_and_evaluate(config(20, "5"), str(workdir))
+  assert "resuming from the checkpoint at step 5" in capsys.readouterr().err
   assert sorted(p.name for p in (workdir / "damaged").iterdir()) == ["10", "15"]
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [5, 10, 15, 20]
-  again = run_script("train.py", *flags(25, "--config.train.resume_step=5"))
-  assert again.returncode == 0, again.stderr
-  assert "resuming from the checkpoint at step 20" in again.stderr and "moved" not in again.stderr
-  missing = run_script("train.py", *flags(30, "--config.train.resume_step=7"))
-  assert missing.returncode == 2 and "no checkpoint for step 7" in missing.stderr
+  train.train_and_evaluate(config(25, "5"), str(workdir))
+  err = capsys.readouterr().err
+  assert "resuming from the checkpoint at step 20" in err and "moved" not in err
+  with pytest.raises(UserError, match=r"no checkpoint for step 7 .*saved steps: \[25, 20, 15, 10"):
+    train.train_and_evaluate(config(30, "7"), str(workdir))
 
 
 @pytest.mark.parametrize("name", [

@@ -281,9 +281,9 @@ def test_a_run_changes_impl_between_training_resuming_and_evaluating(kernel, tin
   np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
 
 
+@pytest.mark.slow  # two subprocess runs; tests/test_parallel.py's 4-device runs go through auto's kernels
 @pytest.mark.parametrize("kernel", [pytest.param("core", marks=needs_core),
-                                    pytest.param("onednn", marks=[needs_onednn,
-                                                                  pytest.mark.slow])])
+                                    pytest.param("onednn", marks=needs_onednn)])
 def test_kernels_on_four_devices_match_one(kernel, tiny_flags, tmp_path):
   """Under pmap the kernel runs once per device, each on its block of lanes (the core's team
   taken by one device at a time, the others running alone): 4 simulated devices train to the
@@ -333,3 +333,24 @@ def test_a_checkpoint_saved_with_an_impl_this_machine_lacks_evaluates_with_auto(
   proc = run_script("eval.py", f"--workdir={workdir}")
   assert proc.returncode == 0, proc.stderr
   assert json.loads(proc.stdout)["step"] == 5
+
+
+@needs_onednn
+@needs_core
+def test_with_openmp_loaded_by_another_library_auto_evaluates_in_the_core():
+  """In a process that imported torch first (its libgomp, at the default spin count, loads
+  before oneDNN's), auto evaluates an LSTM in the core and trains it there, saying why once; in
+  a fresh process, oneDNN evaluates."""
+  import subprocess
+  import sys
+  from conftest import REPO_ROOT
+  code = ("{first}from jaxrnn import cells, layers\n"
+          "for _ in range(2): print(layers.resolve(cells.get('lstm'), 'auto', 256, 64, 'cpu'))")
+  env = {k: v for k, v in __import__("os").environ.items()
+         if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+  for first, want in (("import torch\n", "core"), ("", "onednn/core")):
+    proc = subprocess.run([sys.executable, "-c", code.format(first=first)], capture_output=True,
+                          text=True, cwd=REPO_ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [want, want]
+    assert proc.stderr.count("torch imported first?") == (1 if first else 0)

@@ -16,8 +16,9 @@ from jaxrnn import checkpoint
 
 
 def train_flags(tiny_flags, workdir, steps, batch_size=8):
-  """A two-layer tiny LM with dropout, 8 lanes (so 1, 2 and 4 devices divide them)."""
-  return tiny_flags(workdir, model={"num_layers": 2, "dropout": 0.1},
+  """A two-layer LM with dropout, 8 lanes (so 1, 2 and 4 devices divide them), 64 wide so that
+  auto runs the CPU kernels (evaluation in oneDNN, training in the core) where they are built."""
+  return tiny_flags(workdir, model={"num_layers": 2, "dropout": 0.1, "hidden_size": 64},
                     data={"batch_size": batch_size},
                     train={"steps": steps, "eval_every": 10, "ckpt_every": 10, "eval_lanes": 4})
 

@@ -89,6 +89,27 @@ def _gomp_spincount() -> Iterator[None]:
     del os.environ["GOMP_SPINCOUNT"]
 
 
+def _gomp_loaded() -> bool:
+  """Whether a GNU OpenMP runtime is in this process already (e.g. torch's, imported first)."""
+  try:
+    with open("/proc/self/maps") as f:
+      return any("libgomp" in line for line in f)
+  except OSError:
+    return False
+
+
+_GOMP_LOADED_BEFORE: list[bool] = []  # set when oneDNN loads
+
+
+def openmp_shared() -> bool:
+  """True when oneDNN's OpenMP runtime was already loaded, at its own spin count, by another
+  library (torch imported before jaxrnn's first oneDNN layer): oneDNN's threads then spin
+  300,000 times after each parallel region and slowed a run beside a busy process several
+  fold (issue 26), so `layers.resolve` runs the core instead."""
+  return bool(_GOMP_LOADED_BEFORE) and _GOMP_LOADED_BEFORE[0] and not (
+      "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ)
+
+
 @functools.cache
 def _load_onednn() -> tuple[ctypes.CDLL | None, str]:
   """(the loaded extension with its FFI targets registered, "") or (None, why not)."""
@@ -98,6 +119,7 @@ def _load_onednn() -> tuple[ctypes.CDLL | None, str]:
                   "a C++ compiler and the onednn wheels are available)")
   if libdnnl is None:
     return None, "the onednn-cpu-gomp package (libdnnl.so.3) is not installed"
+  _GOMP_LOADED_BEFORE.append(_gomp_loaded())
   try:
     with _gomp_spincount():
       # Global, so that the extension (not linked against libdnnl: it is built without the
@@ -166,6 +188,15 @@ def unavailable(impl: str) -> str:
     return "" if jax.default_backend() == "gpu" else (
         f"cuDNN needs a GPU (this platform: {jax.default_backend()})")
   raise ValueError(f"not a kernel: {impl!r}")
+
+
+@functools.cache
+def warn_openmp_shared() -> None:
+  """Says once per process why `auto` evaluates in the core although oneDNN is built."""
+  print("note: another library loaded the OpenMP runtime before jaxrnn (torch imported first?), "
+        "so oneDNN's threads would spin at its defaults: model.impl=auto evaluates in jaxrnn's "
+        "core instead (set GOMP_SPINCOUNT=1000 before starting Python to keep oneDNN)",
+        file=sys.stderr)
 
 
 @functools.cache
