@@ -35,10 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.ar = 0.0  # lm: activation regularization, ar * mean(dropped last-layer output^2)
   config.model.tar = 0.0  # lm: temporal AR, tar * mean((raw output_t+1 - output_t)^2)
   config.model.unroll = 1  # lax.scan unroll factor
-  # "auto": the fastest path measured here (layers.resolve: oneDNN for lstm/gru on a CPU, cuDNN
-  # for a wide LSTM on a GPU, else an XLA recurrence); "fused": XLA, input product first, then a
-  # scan with a custom VJP (parallel scan for mingru/minlstm); "scan": XLA scan of the whole
-  # step; "onednn" / "cudnn": those whole-layer kernels (jaxrnn/kernels)
+  # "auto": the fastest path measured here (layers.resolve: on a CPU lstm/gru evaluate in
+  # oneDNN and train in jaxrnn's core, rnn runs in the core; on a GPU a wide LSTM in cuDNN; else
+  # an XLA recurrence); "fused": XLA, input product first, then a scan with a custom VJP
+  # (parallel scan for mingru/minlstm); "scan": XLA scan of the whole step; "core", "onednn",
+  # "cudnn": those whole-layer kernels (jaxrnn/kernels)
   config.model.impl = "auto"
   config.model.compute_dtype = "float32"  # matrix-product operands: float32 or bfloat16
   config.model.nonlinearity = "tanh"  # rnn cell only: tanh or relu
