@@ -4,9 +4,10 @@
 // dW_ih, dW_hh, db and dx) is a few large matrix products over all t*b rows, which XLA runs
 // (jaxrnn/kernels/__init__.py). What is left is sequential: per time step one small product of
 // the carried state with the recurrent weight W_hh, and the cell's pointwise on the gates.
-// This file runs that loop: W_hh is packed once per call into panels of whole vectors, and per
-// step each task (a block of units) takes its product for every row and at once applies the
-// pointwise to it, so the gates never make a second pass through memory.
+// This file runs that loop: W_hh is packed once per call into panels (blocks of units, whole
+// vectors), and per step each panel takes its product with the state and at once applies the
+// pointwise to it, so the gates never make a second pass through memory. Rows are independent,
+// so the batch's rows are split into parts, one per thread, each running every step alone.
 //
 // Handlers, for cell in {lstm, gru, rnn_tanh, rnn_relu} (float32, row-major, batch-major):
 //   jaxrnn_core_<cell>_infer: gx[b, t, G h], w_hh[h, G h], [b_hn[h]], h0[b, h], [c0[b, h]]
@@ -22,9 +23,9 @@
 // The vectors are GCC vector extensions of kW floats; setup.py builds this file once per ISA
 // (AVX-512: 16 floats, AVX2 + FMA: 8), and Python loads the build the CPU runs. exp and tanh
 // are vectorized here (Cephes' exp, Eigen's rational tanh): a few float32 ulps, which the tests
-// bound against XLA, PyTorch and a float64 loop. Threads: the caller and a team of helpers
-// that take tasks while they are free (`Team`), so a busy core delays a step by one task at
-// most, not by a whole barrier; results do not depend on which thread ran a task.
+// bound against XLA and PyTorch. Threads: the caller and a team of helpers that take parts
+// while they are free (`Team`, no OpenMP): no barrier between steps, so a thread that loses its
+// core delays its own rows only; results do not depend on which thread ran a part.
 
 #include <pthread.h>
 #include <sched.h>
@@ -264,7 +265,7 @@ template <int MR, int NV>
 // Rows per tile for NV vectors per row: as many as the registers hold beside the panel's.
 constexpr int RowsFor(int nv) { return std::min(8, (kRegs - nv - 2) / nv); }
 
-// A task's product and pointwise for rows [0, rows): prefetch(row) asks for what finish will
+// A panel's product and pointwise for rows [0, rows): prefetch(row) asks for what finish will
 // read of a row, then acc = a (rows x k_size, lda) times the packed panel bp (0 when a is
 // null), and finish(row, acc) uses a row's NV vectors. The product runs in blocks of k whose
 // slice of the panel (16 KB) stays in the L1 cache while every tile of rows passes over it;
@@ -300,9 +301,9 @@ void Rows(int rows, const float* a, long lda, long k_size, const float* bp,
 
 // ---------------------------------------------------------------------------------- the cells
 
-// A cell's sizes and pointwise. Per task, the forward pass owns kUnitVectors vectors of units
-// and packs NV = kGates * kUnitVectors vectors per k (gate-major); the backward pass owns
-// kBackVectors vectors of units. aux holds kAux vectors per unit vector, row and step.
+// A cell's sizes. A forward panel holds kUnitVectors vectors of units and packs NV = kGates *
+// kUnitVectors vectors per k (gate-major); a backward panel holds kBackVectors vectors of
+// units. aux holds kAux vectors per unit vector, row and step (what the backward pass reads).
 struct Lstm {
   static constexpr int kGates = 4, kUnitVectors = 1, kAux = 5, kBackVectors = 2;
   static constexpr bool kCell = true, kTwoGrads = false;
@@ -323,8 +324,8 @@ struct Shape {
   long hp() const { return (h + kW - 1) / kW * kW; }  // units, padded to whole vectors
   long g() const { return C::kGates * h; }             // gate columns
   int unit_vectors() const { return static_cast<int>(hp() / kW); }
-  int forward_tasks() const { return (unit_vectors() + C::kUnitVectors - 1) / C::kUnitVectors; }
-  int backward_tasks() const { return (unit_vectors() + C::kBackVectors - 1) / C::kBackVectors; }
+  int forward_panels() const { return (unit_vectors() + C::kUnitVectors - 1) / C::kUnitVectors; }
+  int backward_panels() const { return (unit_vectors() + C::kBackVectors - 1) / C::kBackVectors; }
   int lanes(int unit_vector) const {  // real units in a vector: kW, or fewer in the last
     return static_cast<int>(std::min<long>(kW, h - static_cast<long>(unit_vector) * kW));
   }
@@ -342,18 +343,18 @@ float* Scratch(int use, size_t floats) {
 int Parts(long b) { return static_cast<int>(std::min<long>(TheTeam().size(), b)); }
 long PartStart(long b, int part) { return b * part / Parts(b); }
 
-// W_hh[h, G h] -> forward panels [task][k < hp][gate][unit vector][kW], zero past h.
+// W_hh[h, G h] -> forward panels [panel][k < hp][gate][unit vector][kW], zero past h.
 template <class C>
 const float* PackForward(const Shape<C>& s, const float* w) {
   constexpr int NV = C::kGates * C::kUnitVectors;
   const long hp = s.hp(), g = s.g();
-  float* packed = Scratch(0, static_cast<size_t>(s.forward_tasks()) * hp * NV * kW);
-  TheTeam().Run(s.forward_tasks(), [&](int task) {
-    float* out = packed + static_cast<long>(task) * hp * NV * kW;
+  float* packed = Scratch(0, static_cast<size_t>(s.forward_panels()) * hp * NV * kW);
+  TheTeam().Run(s.forward_panels(), [&](int panel) {
+    float* out = packed + static_cast<long>(panel) * hp * NV * kW;
     for (long k = 0; k < hp; ++k) {
       for (int gate = 0; gate < C::kGates; ++gate) {
         for (int u = 0; u < C::kUnitVectors; ++u, out += kW) {
-          const int uv = task * C::kUnitVectors + u;
+          const int uv = panel * C::kUnitVectors + u;
           const int n = uv < s.unit_vectors() && k < s.h ? s.lanes(uv) : 0;
           std::memset(out, 0, kW * sizeof(float));
           if (n > 0) std::memcpy(out, w + k * g + gate * s.h + uv * kW, n * sizeof(float));
@@ -364,17 +365,17 @@ const float* PackForward(const Shape<C>& s, const float* w) {
   return packed;
 }
 
-// W_hh^T[G h, h] -> backward panels [task][k < G h][unit vector][kW], zero past h.
+// W_hh^T[G h, h] -> backward panels [panel][k < G h][unit vector][kW], zero past h.
 template <class C>
 const float* PackBackward(const Shape<C>& s, const float* w) {
   constexpr int NV = C::kBackVectors;
   const long g = s.g();
-  float* packed = Scratch(1, static_cast<size_t>(s.backward_tasks()) * g * NV * kW);
-  TheTeam().Run(s.backward_tasks(), [&](int task) {
-    float* out = packed + static_cast<long>(task) * g * NV * kW;
+  float* packed = Scratch(1, static_cast<size_t>(s.backward_panels()) * g * NV * kW);
+  TheTeam().Run(s.backward_panels(), [&](int panel) {
+    float* out = packed + static_cast<long>(panel) * g * NV * kW;
     std::memset(out, 0, g * NV * kW * sizeof(float));
     for (int v = 0; v < NV; ++v) {
-      const int uv = task * NV + v;
+      const int uv = panel * NV + v;
       if (uv >= s.unit_vectors()) continue;
       for (int lane = 0; lane < s.lanes(uv); ++lane) {
         const float* row = w + (static_cast<long>(uv) * kW + lane) * g;
@@ -412,13 +413,13 @@ void Forward(const Shape<C>& s, const ForwardIo& io) {
     float* mine = h_prev + r0 * hp;  // this part's rows of the state, and of the next one
     float* next = h_next + r0 * hp;
     for (long t = 0; t < t_size; ++t) {
-      for (int task = 0; task < s.forward_tasks(); ++task) {
-        const float* bp = packed + static_cast<long>(task) * hp * NV * kW;
+      for (int panel = 0; panel < s.forward_panels(); ++panel) {
+        const float* bp = packed + static_cast<long>(panel) * hp * NV * kW;
         auto prefetch = [&](int r) {
           const float* gx = io.gx + ((r0 + r) * t_size + t) * g;
           for (int gate = 0; gate < C::kGates; ++gate) {
             for (int u = 0; u < C::kUnitVectors; ++u) {
-              __builtin_prefetch(gx + gate * h + (task * C::kUnitVectors + u) * kW);
+              __builtin_prefetch(gx + gate * h + (panel * C::kUnitVectors + u) * kW);
             }
           }
         };
@@ -426,7 +427,7 @@ void Forward(const Shape<C>& s, const ForwardIo& io) {
           const long row = r0 + r;
           const float* gx = io.gx + (row * t_size + t) * g;
           for (int u = 0; u < C::kUnitVectors; ++u) {
-            const int uv = task * C::kUnitVectors + u;
+            const int uv = panel * C::kUnitVectors + u;
             if (uv >= s.unit_vectors()) continue;
             const int n = s.lanes(uv);
             auto gate_in = [&](int gate) { return LoadN(gx + gate * h + uv * kW, n); };
@@ -505,12 +506,12 @@ void Backward(const Shape<C>& s, const BackwardIo& io) {
     const bool first = step == t_size - 1, last_pass = step == -1;
     // The next step's gate gradients, this part's rows (at b * t * g apart).
     const float* a = first ? nullptr : product_source + (r0 * t_size + step + 1) * g;
-    for (int task = 0; task < s.backward_tasks(); ++task) {
-      const float* bp = packed + static_cast<long>(task) * g * NV * kW;
+    for (int panel = 0; panel < s.backward_panels(); ++panel) {
+      const float* bp = packed + static_cast<long>(panel) * g * NV * kW;
       auto prefetch = [&](int r) {
         const long row = r0 + r;
         for (int v = 0; v < NV && !last_pass; ++v) {
-          const long uv = task * NV + v;
+          const long uv = panel * NV + v;
           __builtin_prefetch(io.d_ys + (row * t_size + step) * h + uv * kW);
           if (C::kAux) {
             const float* aux = io.aux + ((step * b + row) * hp + uv * kW) * C::kAux;
@@ -521,7 +522,7 @@ void Backward(const Shape<C>& s, const BackwardIo& io) {
       auto finish = [&](int r, vf* acc) {
         const long row = r0 + r;
         for (int v = 0; v < NV; ++v) {
-          const int uv = task * NV + v;
+          const int uv = panel * NV + v;
           if (uv >= s.unit_vectors()) continue;
           const int n = s.lanes(uv);
           if (first) acc[v] += LoadN(io.d_h_last + row * h + uv * kW, n);
