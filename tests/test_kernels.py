@@ -181,9 +181,16 @@ def test_auto_follows_the_table(platform, name, hidden, want):
   assert layers.resolve(cells.get(name), "auto", hidden, 64, platform) == want
 
 
+@pytest.fixture
+def own_openmp(monkeypatch):
+  """As if jaxrnn had loaded the OpenMP runtime itself: another test in this worker process may
+  have imported torch first, which moves `auto`'s evaluation to the core (tested below)."""
+  monkeypatch.setattr(kernels, "openmp_shared", lambda: False)
+
+
 @needs_onednn
 @needs_core
-def test_auto_picks_the_cpu_kernels_per_pass_and_size():
+def test_auto_picks_the_cpu_kernels_per_pass_and_size(own_openmp):
   """lstm and gru in float32 from hidden 64: evaluation in oneDNN, training in the core; rnn in
   the core; smaller, bf16 or one step: XLA."""
   for name in ("lstm", "gru"):
@@ -198,7 +205,7 @@ def test_auto_picks_the_cpu_kernels_per_pass_and_size():
 
 @needs_onednn
 @needs_core
-def test_auto_evaluates_in_one_kernel_and_trains_in_the_other():
+def test_auto_evaluates_in_one_kernel_and_trains_in_the_other(own_openmp):
   """A 512-wide LSTM under auto: its value is oneDNN's inference and its gradient the core's
   (both within 1e-5 of the XLA scan), so each pass runs where it is fastest."""
   cell = cells.get("lstm")
