@@ -15,7 +15,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.cell = "lstm"  # a name in jaxrnn.cells: rnn, gru, lstm, lnlstm, mingru, minlstm, indrnn,
-  # rglru, slstm, mlstm
+  # rglru, slstm, mlstm, mamba
+  # How each layer wraps its cell (jaxrnn/blocks.py): "stack" (stacked cells, dropout between);
+  # "residual" (x + cell(norm x), x + mlp(norm x)); "griffin" (cell rglru), "xlstm" (cell
+  # mlstm; slstm at slstm_at), "mamba" (cell mamba): their authors' blocks. All but "stack" run
+  # a residual stream of hidden_size units (the embedding projected into it if embed_dim differs)
+  config.model.block = "stack"
+  config.model.mlp_expansion = 3  # residual, griffin: the gated MLP's width over hidden_size
+  config.model.expand = 2  # mamba, xlstm's mLSTM block: the inner width over hidden_size
+  config.model.conv_width = 4  # griffin, xlstm, mamba: the causal convolution's taps
+  config.model.slstm_at = ()  # xlstm: the layers (from 0) that are sLSTM blocks, e.g. (1,)
   config.model.hidden_size = 256  # h, per layer
   config.model.num_layers = 1  # stacked cells
   config.model.embed_dim = 64  # e, width of the token embedding
@@ -44,7 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.compute_dtype = "float32"  # matrix-product operands: float32 or bfloat16
   config.model.nonlinearity = "tanh"  # rnn cell only: tanh or relu
   config.model.forget_bias = 0.0  # lstm and lnlstm cells: added to the forget-gate bias at init
-  config.model.num_heads = 1  # slstm (block-diagonal recurrent weights) and mlstm (memories)
+  config.model.num_heads = 1  # slstm (block-diagonal recurrent weights), mlstm (memories) and
+  # griffin's RG-LRU gates (block-diagonal)
+  config.model.state_size = 16  # mamba cell: states per channel (d_state)
+  config.model.dt_rank = 0  # mamba cell: rank of delta's projection; 0: ceil(hidden_size / 16)
   config.model.bidirectional = False  # classify only: each layer also reads every sentence backwards
   config.model.pooling = "last"  # classify: "last" valid output (of each direction) or "mean" of them
   config.model.num_classes = 2  # classify: one output per class; 1: one sigmoid unit (2 classes)

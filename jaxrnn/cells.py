@@ -454,11 +454,24 @@ def mlstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
   C<b, heads, d, d>, n<b, heads, d>, m<b, heads>). The i and f gates start as the authors':
   zero weights, biases N(0, 0.1) and 3 to 6 across the heads.
   """
-  dtype = _dtype(compute_dtype)
+  return _mlstm(num_heads, compute_dtype, output_gate=True)
+
+
+def mlstm_memory(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
+  """The mLSTM's matrix memory without its output gate, as xLSTM's mLSTM block runs it (the
+  block gates with SiLU(z) after its own norm and skip): h' = (q^T C') / (max(|q^T n'|,
+  exp(-m')) + eps), from gx = (q, k, v, i, f), which the block computes itself. Not in the
+  registry: `blocks.py` builds it."""
+  return _mlstm(num_heads, compute_dtype, output_gate=False)
+
+
+def _mlstm(num_heads: int, compute_dtype: str, output_gate: bool) -> Cell:
+  """`mlstm` (gx = q, k, v, o, i, f) or, without `output_gate`, `mlstm_memory` (q, k, v, i, f)."""
+  dtype, vectors = _dtype(compute_dtype), 4 if output_gate else 3
 
   def init(key, d, h):
     k_ih, _, k_i = jax.random.split(key, 3)  # three keys as before: the same init
-    params = _init_input(k_ih, d, h, 4)
+    params = _init_input(k_ih, d, h, vectors)
     # The authors' gate init (mLSTMCell.reset_parameters): input and forget gates start from
     # the bias alone, i ~ N(0, 0.1) and f spaced from 3 to 6 over the heads (a long memory).
     i_bias = 0.1 * jax.random.normal(k_i, (num_heads,), jnp.float32)
@@ -471,11 +484,14 @@ def mlstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
     return (_zeros(b, h), jnp.zeros((b, num_heads, dh, dh), jnp.float32),
             jnp.zeros((b, num_heads, dh), jnp.float32), jnp.zeros((b, num_heads), jnp.float32))
 
-  def split(gx):  # q, k, v, o as <..., heads, d> (k scaled), i, f as <..., heads>
-    h = (gx.shape[-1] - 2 * num_heads) // 4
-    q, k, v, o = (_heads(x, num_heads) for x in jnp.split(gx[..., :4 * h], 4, axis=-1))
-    i, f = jnp.split(gx[..., 4 * h:], 2, axis=-1)
-    return q, k / jnp.sqrt(jnp.float32(q.shape[-1])), v, o, i, f
+  def split(gx):  # q, k, v, o as <..., heads, d> (k scaled; o None without it), i, f <..., heads>
+    h = (gx.shape[-1] - 2 * num_heads) // vectors
+    q, k, v, *o = (_heads(x, num_heads) for x in jnp.split(gx[..., :vectors * h], vectors, -1))
+    i, f = jnp.split(gx[..., vectors * h:], 2, axis=-1)
+    return q, k / jnp.sqrt(jnp.float32(q.shape[-1])), v, (o[0] if o else None), i, f
+
+  def gate(o, h_tilde):  # the output gate, where the cell has one
+    return h_tilde if o is None else jax.nn.sigmoid(o) * h_tilde
 
   def recur(params, carry, gx):
     _, c, n, m = carry
@@ -487,7 +503,7 @@ def mlstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
     n = f_gate[..., None] * n + i_gate[..., None] * k
     numerator = jnp.einsum("bkd,bkde->bke", q, c)
     denominator = jnp.maximum(jnp.abs(jnp.sum(q * n, -1)), jnp.exp(-m)) + MLSTM_EPS
-    h = (jax.nn.sigmoid(o) * numerator / denominator[..., None]).reshape(gx.shape[0], -1)
+    h = gate(o, numerator / denominator[..., None]).reshape(gx.shape[0], -1)
     return (h, c, n, m), h
 
   def chunk(carry, gx):
@@ -495,7 +511,8 @@ def mlstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
     F_t - F_s + i_s (F the cumulative log forget gate), the carried memory with F_t + m0;
     m_t is the largest of them, which is the recurrence's stabilizer exactly."""
     _, c0, n0, m0 = carry
-    q, k, v, o, i, f = (jnp.moveaxis(x, 0, 2) for x in split(gx))  # <b, heads, t, ...>
+    q, k, v, o, i, f = (None if x is None else jnp.moveaxis(x, 0, 2)
+                        for x in split(gx))  # <b, heads, t, ...>
     log_f = jnp.cumsum(jax.nn.log_sigmoid(f), axis=-1)  # F<b, heads, t>
     causal = jnp.tril(jnp.ones((gx.shape[0],) * 2, bool))
     log_d = jnp.where(causal, log_f[..., :, None] - log_f[..., None, :] + i[..., None, :],
@@ -509,7 +526,7 @@ def mlstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
                  + carried[..., None] * jnp.einsum("bktd,bkde->bkte", q, c0))
     qn = scores.sum(-1) + carried * jnp.einsum("bktd,bkd->bkt", q, n0)
     h_tilde = numerator / (jnp.maximum(jnp.abs(qn), jnp.exp(-m)) + MLSTM_EPS)[..., None]
-    hs = jax.nn.sigmoid(o) * h_tilde  # <b, heads, t, d>
+    hs = gate(o, h_tilde)  # <b, heads, t, d>
     hs = jnp.moveaxis(hs, 2, 0).reshape(gx.shape[0], gx.shape[1], -1)  # <t, b, h>
     last = d[..., -1, :]  # the last step's weights <b, heads, s>
     c = carried[..., -1, None, None] * c0 + jnp.einsum("bks,bksd,bkse->bkde", last, k, v)
@@ -532,8 +549,82 @@ def mlstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
       ys.append(hs)
     return carry, jnp.concatenate(ys)
 
-  return Cell("mlstm", init, initial_carry, _input_projection(dtype), recur, dtype=dtype,
-              parallel=parallel)
+  return Cell("mlstm" if output_gate else "mlstm_memory", init, initial_carry,
+              _input_projection(dtype), recur, dtype=dtype, parallel=parallel)
+
+
+MAMBA_DT = (1e-3, 0.1, 1e-4)  # the authors' dt_min, dt_max and dt_init_floor
+
+
+def mamba(state_size: int = 16, dt_rank: int = 0, compute_dtype: str = "float32") -> Cell:
+  """Mamba-1's selective state space (Gu & Dao 2023), as state-spaces/mamba's
+  mamba_ssm/ops/selective_scan_interface.py (`selective_scan_ref`) and modules/mamba_simple.py
+  (`Mamba.step`), on each of h channels with s = state_size states (the input is as wide as
+  the state: d = h):
+
+    dt, B, C = x W_x, split (dt_rank, s, s);   delta = softplus(dt W_dt + b_dt)  <h>
+    A = -exp(A_log)  <h, s>;   S' = exp(delta A) * S + (delta * x) B^T  <h, s>;   y = S' C + D * x
+
+  Carry (y<b, h>, S<b, h, s>). The factors read x alone, so `parallel` composes the steps
+  with an associative scan. dt_rank 0 is the authors' "auto", ceil(h / 16) (the Mamba block
+  passes its model width's). Init as theirs: A_log = log(1..s) for every channel, D = 1,
+  b_dt the inverse softplus of a log-uniform draw from [1e-3, 0.1] (at least 1e-4), W_dt
+  U(+-dt_rank^-1/2), W_x U(+-1/sqrt(h)).
+  """
+  dtype = _dtype(compute_dtype)
+
+  def init(key, d, h):
+    if d != h:  # config.validate says so first, in the user's terms
+      raise ValueError(f"the mamba cell keeps its input's width: d={d} != h={h}")
+    rank, (dt_min, dt_max, dt_floor) = dt_rank or math.ceil(h / 16), MAMBA_DT
+    k_x, k_dt, k_b = jax.random.split(key, 3)
+    dt = jnp.maximum(dt_floor, jnp.exp(jax.random.uniform(
+        k_b, (h,), jnp.float32, math.log(dt_min), math.log(dt_max))))
+    states = jnp.arange(1, state_size + 1, dtype=jnp.float32)
+    return {"w_x": _uniform(k_x, (h, rank + 2 * state_size), h),
+            "w_dt": jax.random.uniform(k_dt, (rank, h), jnp.float32, -rank ** -0.5, rank ** -0.5),
+            "b_dt": dt + jnp.log(-jnp.expm1(-dt)),
+            "a_log": jnp.log(jnp.broadcast_to(states, (h, state_size))),
+            "d": jnp.ones((h,), jnp.float32)}
+
+  def project(params, x):  # gx = (x, delta's pre-activation, B, C)
+    rank = params["w_dt"].shape[0]
+    xw = matmul(x, params["w_x"], dtype)
+    dt = matmul(xw[..., :rank], params["w_dt"], dtype) + params["b_dt"]
+    return jnp.concatenate([x, dt, xw[..., rank:]], axis=-1)
+
+  def terms(params, gx):  # (exp(delta A), (delta x) B^T, each <..., h, s>; x <..., h>; C <..., s>)
+    h = params["d"].shape[0]
+    x, dt, b, c = jnp.split(gx, [h, 2 * h, 2 * h + state_size], axis=-1)
+    delta = jax.nn.softplus(dt)
+    a = jnp.exp(delta[..., None] * -jnp.exp(params["a_log"]))
+    return a, (delta * x)[..., None] * b[..., None, :], x, c
+
+  def output(params, s, x, c):
+    return jnp.einsum("...hs,...s->...h", s, c) + params["d"] * x
+
+  def recur(params, carry, gx):
+    a, bx, x, c = terms(params, gx)
+    s = a * carry[1] + bx
+    y = output(params, s, x, c)
+    return (y, s), y
+
+  def parallel(params, carry, gx):
+    a, bx, x, c = terms(params, gx)  # <t, b, h, s>
+
+    def compose(earlier, later):  # a run of steps: (its product of factors, its sum of inputs)
+      (a1, b1), (a2, b2) = earlier, later
+      return a1 * a2, a2 * b1 + b2  # 0 < a <= 1: nothing overflows
+
+    prod_a, total = jax.lax.associative_scan(compose, (a, bx))
+    states = prod_a * carry[1] + total
+    ys = output(params, states, x, c)
+    return (ys[-1], states[-1]), ys
+
+  def initial_carry(b, h):
+    return _zeros(b, h), jnp.zeros((b, h, state_size), jnp.float32)
+
+  return Cell("mamba", init, initial_carry, project, recur, dtype=dtype, parallel=parallel)
 
 
 _REGISTRY: dict[str, Callable[..., Cell]] = {
@@ -547,6 +638,7 @@ _REGISTRY: dict[str, Callable[..., Cell]] = {
     "rglru": rglru,
     "slstm": slstm,
     "mlstm": mlstm,
+    "mamba": mamba,
 }
 
 
@@ -576,17 +668,18 @@ def get(name: str, **cell_options: Any) -> Cell:
   return _REGISTRY[name](**cell_options)
 
 
-def from_config(model_config: Any) -> Cell:
+def from_config(model_config: Any, also: tuple[str, ...] = ()) -> Cell:
   """The cell named by `model_config.cell`, built with the options it takes from the config.
 
   An option field set away from its default for a cell that does not take it is an error
-  (e.g. `model.forget_bias` for a gru), not silently ignored.
+  (e.g. `model.forget_bias` for a gru), not silently ignored, unless it is named in `also`
+  (options the layer around the cell reads: `blocks.cell`).
   """
   name = model_config.cell
   get(name)  # an unknown name fails here, with the list of valid ones
   taken = takes(name)
   for option, default in options().items():
-    if option not in taken and model_config[option] != default:
+    if option not in taken and option not in also and model_config[option] != default:
       users = [n for n in _REGISTRY if option in takes(n)]
       raise UserError(f"model.{option}={model_config[option]!r} does nothing for cell {name!r} "
                       f"(it applies to {', '.join(users)}); leave it at {default!r}")

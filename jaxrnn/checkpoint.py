@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from jaxrnn import UserError, cells, config as config_lib, data, kernels, layers
+from jaxrnn import UserError, blocks, config as config_lib, data, kernels, layers
 
 # Config fields that change the shape of the params, the optimizer state or the carried state,
 # or what the saved data position (batches drawn) points at: a resumed run must keep them.
@@ -338,7 +338,7 @@ def _impl_here(config: ml_collections.ConfigDict) -> None:
   """A saved model.impl this machine cannot run (cudnn trained on a GPU, read on a CPU; onednn
   where the kernel is not built) becomes auto, with one note: the implementations agree to
   1e-5. A kernel missing here is said by `kernels.warn_fallback`, which auto then leaves unsaid."""
-  cell, impl = cells.from_config(config.model), config.model.impl
+  cell, impl = blocks.cell(config.model), config.model.impl
   try:
     layers.check(cell, impl)
   except UserError as e:

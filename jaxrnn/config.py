@@ -15,7 +15,7 @@ from typing import Any, Callable
 import ml_collections
 
 from configs import default
-from jaxrnn import UserError, cells, data, layers, model, tasks
+from jaxrnn import UserError, blocks, cells, data, layers, model, tasks
 
 Config = ml_collections.ConfigDict
 OPTIMIZERS = ("adam", "adamw", "sgd")  # built by optim.make_optimizer
@@ -48,6 +48,12 @@ def _rate(none: bool = False) -> Rule:
 RULES: dict[str, Rule] = {
     "task": _one_of(tuple(tasks.TASKS)),
     "model.cell": _one_of(tuple(cells.names())),
+    "model.block": _one_of(blocks.BLOCKS),
+    "model.mlp_expansion": _at_least(1),
+    "model.expand": _at_least(1),
+    "model.conv_width": _at_least(2),
+    "model.state_size": _at_least(1),
+    "model.dt_rank": (_at_least(0)[0], ">= 0 (0: ceil(hidden_size / 16))"),
     "model.hidden_size": _at_least(1),
     "model.num_layers": _at_least(1),
     "model.num_heads": _at_least(1),
@@ -121,11 +127,13 @@ def validate(config: Config) -> None:
     if not valid(value := field(config, name)):
       _fail(name, value, description)
   model_config, data_config = config.model, config.data
-  cell = cells.from_config(model_config)  # the cell's own options: nonlinearity, forget_bias, ...
+  _check_block(model_config)
+  cell = blocks.cell(model_config)  # the cell's own options: nonlinearity, forget_bias, ...
   layers.check(cell, model_config.impl)  # a kernel that cannot run this cell, or not here
   heads = model_config.num_heads
   sizes = model.layer_sizes(model_config)
-  if "num_heads" in cells.takes(model_config.cell) and any(size % heads for size in sizes):
+  takes = cells.takes(model_config.cell) | set(blocks.OPTIONS.get(model_config.block, ()))
+  if "num_heads" in takes and any(size % heads for size in sizes):
     raise UserError(f"model.num_heads={heads} must divide every layer's width "
                     f"({', '.join(map(str, sorted(set(sizes))))}: "
                     "model.hidden_size, and model.embed_dim for a tied last layer)")
@@ -159,6 +167,41 @@ def validate(config: Config) -> None:
     if val_frac == 0:
       raise UserError("data.val_frac is 0, which leaves no validation split to measure the run "
                       "on; set it above 0 (e.g. 0.1)")
+
+
+def _check_block(model_config: Config) -> None:
+  """The block can wrap the cell, at these widths."""
+  block, name = model_config.block, model_config.cell
+  if block in blocks.CELLS and name != blocks.CELLS[block]:
+    raise UserError(f"model.block={block} is built around the {blocks.CELLS[block]} cell: set "
+                    f"model.cell={blocks.CELLS[block]}, or use model.block=residual for "
+                    f"{name!r}")
+  sizes = model.layer_sizes(model_config)
+  inputs = [None if model_config.one_hot else model_config.embed_dim] + sizes[:-1]
+  if name == "mamba" and block == "stack" and inputs != sizes:
+    raise UserError("the mamba cell keeps its input's width, so a stack of it needs "
+                    f"model.embed_dim = model.hidden_size ({model_config.hidden_size}) and no "
+                    "one_hot or tied last layer; or use model.block=mamba or residual")
+  if block != "stack" and model_config.bidirectional:
+    raise UserError(f"model.bidirectional runs a stack of cells both ways; model.block={block} "
+                    "runs one direction: set model.block=stack or model.bidirectional=False")
+  if block != "stack" and model_config.tie_embedding and (
+      model_config.embed_dim != model_config.hidden_size):
+    raise UserError(f"model.tie_embedding reads the residual stream (model.hidden_size="
+                    f"{model_config.hidden_size}) through the embedding (model.embed_dim="
+                    f"{model_config.embed_dim}): set them equal")
+  if not set(model_config.slstm_at) <= set(range(model_config.num_layers)) or (
+      model_config.slstm_at and block != "xlstm"):
+    raise UserError(f"model.slstm_at={tuple(model_config.slstm_at)} must name layers 0.."
+                    f"{model_config.num_layers - 1} of model.block=xlstm (sLSTM blocks), got "
+                    f"model.block={block}")
+  if block == "xlstm":
+    heads = model_config.num_heads
+    if model_config.hidden_size % heads or blocks.xlstm_inner(model_config) % heads:
+      raise UserError(f"model.num_heads={heads} must divide model.hidden_size="
+                      f"{model_config.hidden_size} and the mLSTM block's inner width "
+                      f"{blocks.xlstm_inner(model_config)} (model.expand * hidden_size, rounded "
+                      "up to a multiple of 64)")
 
 
 def _check_lm(config: Config, corpus: data.Corpus | None) -> None:
@@ -225,8 +268,9 @@ def from_saved(saved: dict[str, Any]) -> Config:
   config = default.get_config()
   _merge(config, saved, "")
   if config.model.cell in cells.names():
+    taken = cells.takes(config.model.cell) | set(blocks.OPTIONS.get(config.model.block, ()))
     for option, value in cells.options().items():
-      if option not in cells.takes(config.model.cell):
+      if option not in taken:
         config.model[option] = value
   return config
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxrnn import cells, layers
+from jaxrnn import blocks, cells, layers
 from jaxrnn.cells import Carry
 
 Config = Any  # ml_collections.ConfigDict (the `model` section)
@@ -34,9 +34,10 @@ class Rngs(NamedTuple):
 
 
 def layer_sizes(model_config: Config) -> list[int]:
-  """Each layer's width: hidden_size, except a tied LM's last layer, which is embed_dim wide."""
+  """Each layer's width: hidden_size, except a tied stack's last layer, which is embed_dim wide
+  (a residual stream is hidden_size wide throughout)."""
   sizes = [model_config.hidden_size] * model_config.num_layers
-  if model_config.tie_embedding:
+  if model_config.tie_embedding and model_config.block == "stack":
     sizes[-1] = model_config.embed_dim
   return sizes
 
@@ -65,21 +66,12 @@ def _init(key: jax.Array, model_config: Config, input_size: int, head_size: int,
   has only its bias, its weight being the embedding's transpose. With `init_scale` > 0 every
   parameter is U(-init_scale, init_scale) instead.
   """
-  cell = cells.from_config(model_config)
   sizes, n = layer_sizes(model_config), directions
   k_embed, k_head_w, k_head_b, *k_layers = jax.random.split(key, 3 + model_config.num_layers)
-
-  def layer(k, d, h):
-    if n == 1:
-      return cell.init(k, d, h)
-    k_f, k_b = jax.random.split(k)
-    return {"fwd": cell.init(k_f, d, h), "bwd": cell.init(k_b, d, h)}
-
   d = input_size if model_config.one_hot else model_config.embed_dim
   bound = 1.0 / jnp.sqrt(n * sizes[-1])
   params = {
-      "layers": [layer(k, d if i == 0 else n * sizes[i - 1], sizes[i])
-                 for i, k in enumerate(k_layers)],
+      **blocks.init(k_layers, model_config, d, sizes, n),
       "head": {"w": jax.random.uniform(k_head_w, (n * sizes[-1], head_size), jnp.float32, -bound,
                                        bound),
                "b": jax.random.uniform(k_head_b, (head_size,), jnp.float32, -bound, bound)},
@@ -136,9 +128,8 @@ def init(key: jax.Array, model_config: Config, vocab_size: int) -> dict[str, Any
 
 
 def initial_carry(model_config: Config, batch_size: int) -> list[Carry]:
-  """Zero carries, one per layer (of its width, `layer_sizes`), each for b = batch_size."""
-  cell = cells.from_config(model_config)
-  return [cell.initial_carry(batch_size, h) for h in layer_sizes(model_config)]
+  """Zero carries, one per layer (`blocks.initial_carry`), each for b = batch_size."""
+  return blocks.initial_carry(model_config, batch_size, layer_sizes(model_config))
 
 
 def outputs(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
@@ -151,7 +142,6 @@ def outputs(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
   `dropout_rates`, locked if `locked_dropout`) on the embeddings, between layers and before
   the head, as in Zaremba et al. 2014, from `rng.rows`.
   """
-  cell = cells.from_config(model_config)
   vocab_size = params["head"]["b"].shape[0]
   rng = rng if train else None
   k_embed, k_weight = _shared_keys(None if rng is None else rng.shared)
@@ -160,10 +150,8 @@ def outputs(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
   rate_in, rate_hidden, rate_out = dropout_rates(model_config)
   locked = model_config.locked_dropout
   x = layers.dropout(x, rate_in, k_in, locked)
-  carry, y = layers.run_stack(cell, params["layers"], carry, x, dropout_rate=rate_hidden,
-                              rng=k_stack, unroll=model_config.unroll, impl=model_config.impl,
-                              locked=locked, weight_drop=model_config.weight_drop,
-                              weight_rng=k_weight)
+  carry, y = blocks.run(params, carry, x, model_config=model_config, dropout_rate=rate_hidden,
+                        rng=k_stack, weight_rng=k_weight)
   return carry, y, layers.dropout(y, rate_out, k_out, locked)
 
 
@@ -175,7 +163,7 @@ def apply(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
   See `outputs` for what `train` and `rng` switch on.
   """
   carry, _, y = outputs(params, carry, tokens, model_config=model_config, train=train, rng=rng)
-  return carry, head(params, y, cells.from_config(model_config).dtype)
+  return carry, head(params, y, blocks.cell(model_config).dtype)
 
 
 def init_classifier(key: jax.Array, model_config: Config, vocab_size: int) -> dict[str, Any]:
@@ -211,21 +199,20 @@ def apply_classifier(params: dict[str, Any], tokens: jax.Array, lengths: jax.Arr
   Embedding -> cell stack from a zero state -> pooled valid outputs (`model_config.pooling`) ->
   head; padding never reaches the logits. Regularizers as in `outputs`.
   """
-  cell = cells.from_config(model_config)
   bidirectional = model_config.bidirectional
   rng = rng if train else None
   k_embed, k_weight = _shared_keys(None if rng is None else rng.shared)
   k_in, k_stack, k_out = _dropout_keys(None if rng is None else rng.rows, tokens.shape[0])
   rate_in, rate_hidden, rate_out = dropout_rates(model_config)
   locked = model_config.locked_dropout
-  zeros = cell.initial_carry(tokens.shape[0], model_config.hidden_size)
-  carries = [(zeros, zeros) if bidirectional else zeros] * model_config.num_layers
+  carries = initial_carry(model_config, tokens.shape[0])
+  if bidirectional:
+    carries = [(zeros, zeros) for zeros in carries]
   x = embed(params, tokens, model_config, params["embed"].shape[0], k_embed)
   x = layers.dropout(x, rate_in, k_in, locked)
-  _, ys = layers.run_stack(cell, params["layers"], carries, x, dropout_rate=rate_hidden,
-                           rng=k_stack, unroll=model_config.unroll, impl=model_config.impl,
-                           bidirectional=bidirectional, lengths=lengths, locked=locked,
-                           weight_drop=model_config.weight_drop, weight_rng=k_weight)
+  _, ys = blocks.run(params, carries, x, model_config=model_config, dropout_rate=rate_hidden,
+                     rng=k_stack, weight_rng=k_weight, bidirectional=bidirectional,
+                     lengths=lengths)
   features = _pool(ys, lengths, model_config.pooling, bidirectional)
   features = layers.dropout(features, rate_out, k_out)
   return head(params, features)  # float32, as the classifier always had

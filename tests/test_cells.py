@@ -14,14 +14,21 @@ from jaxrnn import UserError, cells, layers, model
 CELLS = ["rnn", "gru", "lstm"]  # the torch.nn cells
 ALL_CELLS = cells.names()
 GATES = {"rnn": 1, "gru": 3, "lstm": 4, "lnlstm": 4, "mingru": 2, "minlstm": 3, "indrnn": 1,
-         "rglru": 3, "slstm": 4, "mlstm": 4}
-CARRY_LEAVES = {"lstm": 2, "lnlstm": 2, "slstm": 4, "mlstm": 4}  # 1 for the others: h alone
+         "rglru": 3, "slstm": 4, "mlstm": 4, "mamba": 2}
+CARRY_LEAVES = {"lstm": 2, "lnlstm": 2, "slstm": 4, "mlstm": 4, "mamba": 2}  # others: h alone
 B, D, H = 3, 5, 7
+STATES = 16  # the mamba cell's default state_size
 
 
 def width(name, h=H):
-  """The width of a cell's projection gx: its gates times h (mlstm: plus i and f per head)."""
-  return GATES[name] * h + (2 if name == "mlstm" else 0)
+  """The width of a cell's projection gx: its gates times h (mlstm: plus i and f per head;
+  mamba: x and delta, then B and C of its states)."""
+  return GATES[name] * h + {"mlstm": 2, "mamba": 2 * STATES}.get(name, 0)
+
+
+def d_in(name):
+  """The input width the tests give a cell: D, or H for the mamba cell, which keeps its width."""
+  return H if name == "mamba" else D
 
 
 def _random_carry(name, rng, b=B, h=H):
@@ -71,9 +78,9 @@ def test_initial_carry_is_zeros(name):
 def test_step_shapes(name):
   """step maps x<b, d> to a carry with the initial carry's structure and y<b, h>."""
   cell = cells.get(name)
-  params = cell.init(jax.random.key(1), D, H)
+  params = cell.init(jax.random.key(1), d_in(name), H)
   carry0 = cell.initial_carry(B, H)
-  carry, y = cell.step(params, carry0, jnp.ones((B, D), jnp.float32))
+  carry, y = cell.step(params, carry0, jnp.ones((B, d_in(name)), jnp.float32))
   assert y.shape == (B, H)
   assert y.dtype == jnp.float32
   assert jax.tree.structure(carry) == jax.tree.structure(carry0)
@@ -85,10 +92,10 @@ def test_step_shapes(name):
 def test_step_is_recur_of_project(name):
   """step(params, carry, x) equals recur(params, carry, project(params, x))."""
   cell = cells.get(name)
-  params = cell.init(jax.random.key(2), D, H)
+  params = cell.init(jax.random.key(2), d_in(name), H)
   rng = np.random.default_rng(0)
   carry = _random_carry(name, rng)
-  x = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(B, d_in(name))), jnp.float32)
   expected_carry, expected_y = cell.recur(params, carry, cell.project(params, x))
   got_carry, got_y = cell.step(params, carry, x)
   np.testing.assert_array_equal(got_y, expected_y)
@@ -99,8 +106,8 @@ def test_step_is_recur_of_project(name):
 def test_project_any_leading_shape(name):
   """project on x<t, b, d> equals project on each x[t] separately."""
   cell = cells.get(name)
-  params = cell.init(jax.random.key(3), D, H)
-  xs = jnp.asarray(np.random.default_rng(1).normal(size=(4, B, D)), jnp.float32)
+  params = cell.init(jax.random.key(3), d_in(name), H)
+  xs = jnp.asarray(np.random.default_rng(1).normal(size=(4, B, d_in(name))), jnp.float32)
   gx = cell.project(params, xs)
   assert gx.shape == (4, B, width(name))
   for t in range(4):
@@ -421,7 +428,8 @@ def test_mlstm_matches_the_authors_recurrent_step():
 
 
 @pytest.mark.parametrize("name, steps, dtypes", [("rglru", 24, (jnp.float32,)),
-                                                 ("mlstm", 70, (jnp.float32, jnp.float64))])
+                                                 ("mlstm", 70, (jnp.float32, jnp.float64)),
+                                                 ("mamba", 24, (jnp.float32,))])
 def test_parallel_form_equals_the_sequential_one(name, steps, dtypes):
   """impl=fused runs `cell.parallel` (all steps at once; mlstm's 70 are a chunk of 64 and the
   rest), impl=scan the step in lax.scan, from a carry reached by 20 steps: in float32 the
@@ -433,9 +441,10 @@ def test_parallel_form_equals_the_sequential_one(name, steps, dtypes):
     with jax.enable_x64(dtype == jnp.float64):
       cell = cells.get(name, **({"num_heads": HEADS} if name == "mlstm" else {}))
       cast = lambda tree: jax.tree.map(lambda v: v.astype(dtype), tree)
-      params = cast(cell.init(jax.random.key(23), D, H_HEADS))
+      d = H_HEADS if name == "mamba" else D
+      params = cast(cell.init(jax.random.key(23), d, H_HEADS))
       rng = np.random.default_rng(23)
-      warmup, xs = (jnp.asarray(rng.normal(size=(B, t, D)), dtype) for t in (20, steps))
+      warmup, xs = (jnp.asarray(rng.normal(size=(B, t, d)), dtype) for t in (20, steps))
       carry0, _ = layers.run(cell, params, cast(cell.initial_carry(B, H_HEADS)), warmup,
                              impl="scan")
       run = lambda impl, params, carry: layers.run(cell, params, carry, xs, impl=impl)
@@ -453,15 +462,16 @@ def test_parallel_form_equals_the_sequential_one(name, steps, dtypes):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
 
 
-@pytest.mark.parametrize("name", ["rglru", "slstm", "mlstm"])
+@pytest.mark.parametrize("name", ["rglru", "slstm", "mlstm", "mamba"])
 def test_stabilized_gates_stay_finite_over_4096_steps(name):
   """Pre-activations in the tens (weights x8, inputs x3) over 4,096 steps: outputs, states and
   gradients stay finite, sequentially and (rglru, mlstm) in the parallel form, which agrees
   to 1e-2 (mlstm's outputs reach the hundreds where |q n| nearly cancels against its floor
   exp(-m), and there float32 rounding depends on the order of summation)."""
   cell = cells.get(name)
-  params = {k: 8.0 * v for k, v in cell.init(jax.random.key(24), D, H).items()}
-  xs = jnp.asarray(3.0 * np.random.default_rng(24).normal(size=(1, 4096, D)), jnp.float32)
+  params = {k: 8.0 * v for k, v in cell.init(jax.random.key(24), d_in(name), H).items()}
+  xs = jnp.asarray(3.0 * np.random.default_rng(24).normal(size=(1, 4096, d_in(name))),
+                   jnp.float32)
   carry0 = cell.initial_carry(1, H)
   loss = lambda impl: lambda p: jnp.mean(layers.run(cell, p, carry0, xs, impl=impl)[1])
   carry, ys = jax.jit(lambda p: layers.run(cell, p, carry0, xs, impl="scan"))(params)
@@ -474,19 +484,46 @@ def test_stabilized_gates_stay_finite_over_4096_steps(name):
     np.testing.assert_allclose(parallel_ys, ys, rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["rglru", "slstm", "mlstm"])
+@pytest.mark.parametrize("name", ["rglru", "slstm", "mlstm", "mamba"])
 def test_gradients_pass_check_grads(name):
   """jax.test_util.check_grads (reverse mode, float64) on 5 steps from a reached state, through
   the sequential form and (rglru, mlstm) the parallel one."""
   with jax.enable_x64(True):
-    cell = cells.get(name, **({"num_heads": HEADS} if name != "rglru" else {}))
+    cell = cells.get(name, **({"num_heads": HEADS} if name in ("slstm", "mlstm") else {}))
+    d = H_HEADS if name == "mamba" else 3
     params = jax.tree.map(lambda v: v.astype(jnp.float64),
-                          cell.init(jax.random.key(25), 3, H_HEADS))
+                          cell.init(jax.random.key(25), d, H_HEADS))
     rng = np.random.default_rng(25)
     carry, _ = layers.run(cell, params, jax.tree.map(lambda z: z.astype(jnp.float64),
                                                      cell.initial_carry(2, H_HEADS)),
-                          jnp.asarray(rng.normal(size=(2, 3, 3))), impl="scan")
-    xs = jnp.asarray(rng.normal(size=(2, 5, 3)))
+                          jnp.asarray(rng.normal(size=(2, 3, d))), impl="scan")
+    xs = jnp.asarray(rng.normal(size=(2, 5, d)))
     for impl in ("scan", "fused") if cell.parallel else ("scan",):
       jax.test_util.check_grads(lambda p, c, x: layers.run(cell, p, c, x, impl=impl)[1],
                                 (params, carry, xs), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_mamba_matches_the_authors_selective_scan():
+  """The mamba cell over 9 steps from a random state, sequential and parallel, against a float64
+  NumPy transliteration of state-spaces/mamba's `selective_scan_ref` (tests/reference_mamba.py):
+  the same x_proj / dt_proj split, softplus(dt + bias), exp(delta A), D skip; outputs and final
+  state within 1e-10 in float64."""
+  import reference_mamba as ref
+  with jax.enable_x64(True):
+    cell = cells.get("mamba", state_size=5, dt_rank=3)
+    params = jax.tree.map(lambda v: v.astype(jnp.float64), cell.init(jax.random.key(26), H, H))
+    rng = np.random.default_rng(26)
+    params["a_log"] = jnp.log(jnp.asarray(rng.uniform(0.5, 8.0, (H, 5))))
+    params["d"] = jnp.asarray(rng.uniform(-1.5, 1.5, H))
+    xs, state = rng.normal(size=(B, 9, H)), rng.normal(size=(B, H, 5))
+    p = {k: np.asarray(v) for k, v in params.items()}
+    dbl = xs @ p["w_x"]  # x_proj: (dt, B, C)
+    dt, b, c = dbl[..., :3] @ p["w_dt"], dbl[..., 3:8], dbl[..., 8:]
+    t = lambda v: np.moveaxis(v, 1, 2)  # the authors' channel-major layout <b, channels, t>
+    want_ys, want_state = ref.selective_scan(t(xs), t(dt), -np.exp(p["a_log"]), t(b), t(c),
+                                             p["d"], delta_bias=p["b_dt"], state=state)
+    carry = (jnp.zeros((B, H)), jnp.asarray(state))
+    for impl in ("scan", "fused"):
+      (_, got_state), ys = layers.run(cell, params, carry, jnp.asarray(xs), impl=impl)
+      np.testing.assert_allclose(ys, t(want_ys), rtol=1e-10, atol=1e-10)
+      np.testing.assert_allclose(got_state, want_state, rtol=1e-10, atol=1e-10)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrnn import UserError, cells, data, model, parallel
+from jaxrnn import UserError, blocks, data, model, parallel
 
 Config = Any  # ml_collections.ConfigDict
 UNIT = "tokens"
@@ -83,7 +83,7 @@ def loss(params: Any, carry: Any, batch: dict[str, jax.Array], model_config: Con
   """(mean next-token loss of batch {inputs, targets}<int>[b, t] plus `penalties`, final carry)."""
   carry, ys, dropped = model.outputs(params, carry, batch["inputs"], model_config=model_config,
                                      train=True, rng=rng)
-  logits = model.head(params, dropped, cells.from_config(model_config).dtype)
+  logits = model.head(params, dropped, blocks.cell(model_config).dtype)
   return nll(logits, batch["targets"]).mean() + penalties(ys, dropped, model_config), carry
 
 
