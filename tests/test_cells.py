@@ -427,9 +427,9 @@ def test_mlstm_matches_the_authors_recurrent_step():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, steps, dtypes", [("rglru", 24, (jnp.float32,)),
-                                                 ("mlstm", 70, (jnp.float32, jnp.float64)),
-                                                 ("mamba", 24, (jnp.float32,))])
+@pytest.mark.parametrize("name, steps, dtypes", [
+    ("rglru", 24, (jnp.float32,)), ("mlstm", 70, (jnp.float32,)), ("mamba", 24, (jnp.float32,)),
+    pytest.param("mlstm", 70, (jnp.float64,), marks=pytest.mark.slow)])  # 30 s of float64
 def test_parallel_form_equals_the_sequential_one(name, steps, dtypes):
   """impl=fused runs `cell.parallel` (all steps at once; mlstm's 70 are a chunk of 64 and the
   rest), impl=scan the step in lax.scan, from a carry reached by 20 steps: in float32 the
