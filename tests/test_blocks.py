@@ -291,10 +291,10 @@ def test_bidirectional_needs_the_stack(tiny_classify_config):
 # Training with a block: resume, devices, the task and options around it.
 
 RUNS = {  # each block at the tiny size, with dropout on so that its keys are exercised
-    "residual": dict(block="residual", cell="lstm"),
-    "griffin": dict(block="griffin", cell="rglru", num_heads=2),
-    "xlstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(1,)),
-    "mamba": dict(block="mamba", cell="mamba"),
+    "residual": dict(block="residual", cell="lstm", num_layers=2),
+    "griffin": dict(block="griffin", cell="rglru", num_heads=2, num_layers=2),
+    "xlstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(1,), num_layers=2),
+    "mamba": dict(block="mamba", cell="mamba", num_layers=1),
 }
 FAST = ("mamba",)  # the quickest to compile; the others run in the slow suite
 
@@ -308,7 +308,7 @@ def _params(workdir):
 def test_a_run_with_a_block_resumes_bit_for_bit(name, tiny_config, tmp_path):
   """10 steps, stop, resume to 20 == 20 straight, bit for bit (dropout on, micro-batches)."""
   def config(steps):
-    return tiny_config(model=dict(num_layers=2, dropout=0.1, **RUNS[name]),
+    return tiny_config(model=dict(dropout=0.1, **RUNS[name]),
                        train={"steps": steps, "ckpt_every": 5, "accumulate": 2})
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train.train_and_evaluate(config(20), str(straight))
@@ -327,8 +327,7 @@ def test_four_devices_equal_one_with_a_block(name, tiny_flags, tmp_path):
   params = {}
   for n in (4, 1):
     workdir = tmp_path / f"dev{n}"
-    proc = run_script("train.py", *tiny_flags(workdir, model=dict(num_layers=2, dropout=0.1,
-                                                                 **RUNS[name]),
+    proc = run_script("train.py", *tiny_flags(workdir, model=dict(dropout=0.1, **RUNS[name]),
                                               data={"batch_size": 8},
                                               train={"steps": 10, "eval_lanes": 4}), devices=n)
     assert proc.returncode == 0, proc.stderr
@@ -346,6 +345,7 @@ def test_a_block_trains_the_classifier_in_bfloat16(tiny_classify_config, tmp_pat
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(_params(tmp_path)))
 
 
+@pytest.mark.slow  # sample.py with every block also runs in the slow check below
 def test_sample_and_beam_search_continue_a_prefix_with_a_block(tiny_flags, tmp_path):
   """sample.py (sampled and --beam) continues a prefix from a griffin run's checkpoint."""
   proc = run_script("train.py", *tiny_flags(tmp_path, model=RUNS["griffin"]))

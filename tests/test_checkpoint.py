@@ -37,7 +37,8 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
+# Micro-batches resuming bit for bit also run in the fast suite through test_blocks.py.
+@pytest.mark.parametrize("accumulate", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_resume_is_bitwise_identical(ckpt_config, tmp_path, accumulate):
   """10 steps, stop, resume to 20 == 20 steps straight: same params bit for bit, same losses
   (also with the batch run as micro-batches)."""
@@ -284,7 +285,8 @@ def test_a_checkpoint_from_before_newer_fields_restores_and_resumes(ckpt_config,
   assert_trees_equal(checkpoint.load_run(str(old))[2], checkpoint.load_run(str(straight))[2])
 
 
-@pytest.mark.parametrize("damage", ["newest step's meta removed", "stray empty step directory"])
+@pytest.mark.parametrize("damage", ["newest step's meta removed", pytest.param(
+    "stray empty step directory", marks=pytest.mark.slow)])  # the same fallback, another damage
 def test_resume_passes_a_damaged_newest_step(ckpt_config, tmp_path, damage):
   """A damaged newest checkpoint (or an empty directory named like a step) is reported, moved
   to <workdir>/damaged/, and the run resumes from the step before it and ends bit for bit where
@@ -321,6 +323,7 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_dead_runs_lock_is_taken_over
   assert train.train_and_evaluate(ckpt_config(5), str(workdir))["step"] == 5
 
 
+@pytest.mark.slow  # 30 s of a run saving every step beside repeated evaluations
 def test_eval_on_a_workdir_still_training_never_advises_deletion(tiny_flags, script, tmp_path):
   """eval.py while a run saves and rotates a checkpoint every step: each try succeeds or says
   to try again, never a traceback, never advice to delete anything."""
@@ -413,7 +416,7 @@ def test_eval_prints_strict_json_for_a_checkpoint_whose_figures_overflow(ckpt_co
   assert result["step"] == 100 and result["loss"] > 709 and result["perplexity"] == "inf"
 
 
-@pytest.mark.parametrize("name", ["eval.py", "sample.py"])
+@pytest.mark.parametrize("name", ["eval.py", pytest.param("sample.py", marks=pytest.mark.slow)])
 def test_a_checkpoint_with_non_finite_parameters_is_refused_in_one_line(name, ckpt_config, script,
                                                                         tmp_path):
   """A checkpoint holding NaN parameters (written before the guard existed): eval.py and
