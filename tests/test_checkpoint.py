@@ -54,6 +54,7 @@ def test_resume_is_bitwise_identical(ckpt_config, tmp_path, accumulate):
   assert [s for s, _ in train_losses(resumed)] == list(range(1, 21))
 
 
+@pytest.mark.slow  # three 14-30 step runs; plain resume stays in the fast suite
 def test_resume_with_averaging_and_weight_drop_is_bitwise_identical(tiny_config, tmp_path):
   """NT-ASGD (its history and running mean) and weight drop resume bit for bit: 14 + 16 steps
   == 30 straight, averaging having started before the stop."""

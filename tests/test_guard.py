@@ -126,6 +126,7 @@ def test_a_diverged_run_resumes_from_a_sane_checkpoint_as_its_message_says(tmp_p
   assert result["step"] == 60 and result["val_loss"] < math.log(60)
 
 
+@pytest.mark.slow  # the diverged-run test resumes through resume_step in the fast suite
 def test_resume_step_moves_the_newer_checkpoints_aside_once(tiny_config, tmp_path, capsys):
   """train.resume_step=5 on a run saved at 5, 10, 15: it resumes from 5, moves 10 and 15 to
   damaged/, and trains on; the same config again resumes from its own latest save, moving

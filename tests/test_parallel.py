@@ -50,6 +50,7 @@ def test_four_devices_match_one(four_and_one):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # three eval.py processes; test_four_devices_match_one stays fast
 def test_validation_perplexity_is_identical_across_device_counts(four_and_one):
   """eval.py on the same checkpoint prints the same figures on 1, 2 and 4 devices."""
   results = []
@@ -70,6 +71,7 @@ def test_four_device_checkpoint_resumes_on_two(tiny_flags, four_and_one, tmp_pat
   np.testing.assert_allclose(losses(workdir), losses(four_and_one[4]), rtol=1e-5)
 
 
+@pytest.mark.slow  # two more multi-device runs; dropout across devices stays in the fast suite
 def test_every_regularizer_on_gives_the_same_run_on_four_devices_and_one(tiny_flags, tmp_path):
   """Locked and per-position dropout, embedding dropout, weight drop, tying, AR / TAR, uniform
   init, the step schedule and NT-ASGD together: 4 devices train as 1 (1e-5), since row masks

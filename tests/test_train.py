@@ -82,8 +82,8 @@ def run_steps(config, steps):
 
 @pytest.mark.parametrize("model_config", [
     {"num_layers": 2},
-    {"num_layers": 2, "dropout": 0.2, "weight_drop": 0.3, "embed_dropout": 0.1, "ar": 1.0,
-     "tar": 1.0},
+    pytest.param({"num_layers": 2, "dropout": 0.2, "weight_drop": 0.3, "embed_dropout": 0.1,
+                  "ar": 1.0, "tar": 1.0}, marks=pytest.mark.slow),
 ], ids=["plain", "regularized"])
 def test_micro_batches_give_the_large_batch_update(tiny_config, model_config):
   """k = 4 micro-batches of b/k lanes (train.accumulate) step like one batch of b lanes (1e-6 in
