@@ -2,17 +2,17 @@
 
   python scripts/train.py --config configs/families.py:gru --workdir runs/families_gru
 
-Rows (the argument after the colon), about 1M parameters each with the 65-character
-vocabulary; blocks without an MLP (xLSTM's mLSTM, Mamba) take twice the layers, as their
-authors count them against a Transformer's:
+Rows (the argument after the colon), about 1M parameters each with Tiny Shakespeare's
+66-symbol vocabulary; blocks without an MLP (xLSTM's mLSTM, Mamba) take twice the layers, as
+their authors count them against a Transformer's:
 
-  lstm       a 2 x 276 LSTM stack (64-wide embedding)                       1,009,141
-  gru        a 2 x 320 GRU stack (64-wide embedding)                        1,010,625
-  residual   4 residual blocks of 120 around an LSTM, gated MLP 3x          1,001,225
-  griffin    4 Griffin blocks of 140 (RG-LRU, 4 heads), gated MLP 3x        1,009,605
-  xlstm      8 mLSTM blocks of 128 (inner 256, 4 heads)                       892,417
-  xlstm71    the same with layer 3 an sLSTM block (xLSTM[7:1])                891,001
-  mamba      8 Mamba blocks of 132 (inner 264, 16 states)                   1,008,941
+  lstm       a 2 x 276 LSTM stack (64-wide embedding)                       1,009,482
+  gru        a 2 x 320 GRU stack (64-wide embedding)                        1,011,010
+  residual   4 residual blocks of 120 around an LSTM, gated MLP 3x          1,001,466
+  griffin    4 Griffin blocks of 140 (RG-LRU, 4 heads), gated MLP 3x        1,009,886
+  xlstm      8 mLSTM blocks of 128 (inner 256, 4 heads)                       892,674
+  xlstm71    the same with layer 3 an sLSTM block (xLSTM[7:1])                891,258
+  mamba      8 Mamba blocks of 132 (inner 264, 16 states)                   1,009,206
 
 (xLSTM's inner width is rounded up to a multiple of 64, as the authors': 132 would give
 1.14M.) Every row takes the same 800 steps of 32 x 128 characters (3.3M tokens, the budget
