@@ -45,6 +45,11 @@ XLSTM_QKV_BLOCK = 4  # xLSTM's qkv_proj_blocksize: q, k, v are block-diagonal in
 XLSTM_FFN = 1.3  # the sLSTM block's feed-forward factor (FeedForwardConfig.proj_factor)
 
 
+def takes(model_config: Config) -> set[str]:
+  """The cell options a run reads: its cell's and its block's (`OPTIONS`)."""
+  return cells.takes(model_config.cell) | set(OPTIONS.get(model_config.block, ()))
+
+
 def cell(model_config: Config) -> Cell:
   """The cell the layers run (`cells.from_config`), its options checked with the block's."""
   return cells.from_config(model_config, also=OPTIONS.get(model_config.block, ()))

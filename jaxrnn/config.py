@@ -132,8 +132,7 @@ def validate(config: Config) -> None:
   layers.check(cell, model_config.impl)  # a kernel that cannot run this cell, or not here
   heads = model_config.num_heads
   sizes = model.layer_sizes(model_config)
-  takes = cells.takes(model_config.cell) | set(blocks.OPTIONS.get(model_config.block, ()))
-  if "num_heads" in takes and any(size % heads for size in sizes):
+  if "num_heads" in blocks.takes(model_config) and any(size % heads for size in sizes):
     raise UserError(f"model.num_heads={heads} must divide every layer's width "
                     f"({', '.join(map(str, sorted(set(sizes))))}: "
                     "model.hidden_size, and model.embed_dim for a tied last layer)")
@@ -268,7 +267,7 @@ def from_saved(saved: dict[str, Any]) -> Config:
   config = default.get_config()
   _merge(config, saved, "")
   if config.model.cell in cells.names():
-    taken = cells.takes(config.model.cell) | set(blocks.OPTIONS.get(config.model.block, ()))
+    taken = blocks.takes(config.model)
     for option, value in cells.options().items():
       if option not in taken:
         config.model[option] = value

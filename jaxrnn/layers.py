@@ -58,7 +58,8 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
 # lnlstm's input product carries a layer norm; mlstm's sequential form keeps every step's
 # d x d memories for the backward pass, its chunked parallel form trains 4x faster (9.2K
 # against 2.3K tokens/s, 2 x 424, 4 heads, batch 32 x 128). rglru's parallel scan does not
-# pay here (12.4K against the scan's 14.3K tokens/s at 2 x 496).
+# pay here (12.4K against the scan's 14.3K tokens/s at 2 x 496), nor does mamba's (0.58K
+# against 2.5K tokens/s, 8 Mamba blocks of 132); xLSTM's block runs mlstm_memory as mlstm.
 CPU_FUSED = ("rnn", "lnlstm", "mlstm", "mlstm_memory")
 # Below these a kernel's fixed cost per call outweighs its gain: oneDNN evaluates a 2 x 32
 # LSTM at 0.75x the XLA scan on the 2-core EPYC (2 x 64: 1.2x); cuDNN loses to jaxrnn's fused
