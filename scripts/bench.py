@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from jaxrnn import UserError, cells, layers, model, optim, provenance, sample, train
+from jaxrnn import UserError, cells, cli, layers, model, optim, provenance, sample, train
 from jaxrnn.tasks import lm
 
 flags.DEFINE_string("cells", ",".join(cells.names()),
@@ -410,6 +410,8 @@ def main(argv: list[str]) -> None:
     if not FLAGS[name].present:
       FLAGS[name].value = value
   jax.config.update("jax_platforms", {"gpu": "cuda"}.get(FLAGS.device, FLAGS.device))
+  if not FLAGS.serve.startswith(tuple(_PEERS)):
+    cli.keep_freed_memory()  # as jaxrnn's scripts run; the peers run as their users run them
   peers = [p for p in _split(FLAGS.peers) if p in _PEERS and importlib.util.find_spec(p)]
   for name in set(_split(FLAGS.peers)) - set(peers):
     print(f"note: skipping peer {name!r}: unknown or not importable", file=sys.stderr)
