@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from jaxrnn import UserError, model
+from jaxrnn import UserError, kernels, model
 
 CELLS = ["rnn", "gru", "lstm"]
 B, T, V, H = 3, 8, 11, 12
@@ -294,3 +294,43 @@ def test_with_the_new_fields_off_training_logits_are_the_old_ones_bit_for_bit(na
   expected = jax.jit(lambda p: _old_apply(p, carry0, tokens, config, rngs.rows))(params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_embedding_is_folded_into_the_first_layer_where_that_saves_work():
+  """Characters into a wide embedding and a kernel cell's stack fold; words, single sampled
+  steps, one-hot inputs, dropout on the embedded positions, other blocks and cells do not."""
+  chars = _config("lstm", embed_dim=256)
+  assert model.folds_embedding(chars, 65, 32 * 64, input_dropout=False)
+  assert not model.folds_embedding(chars, 10_000, 32 * 64, input_dropout=False)
+  assert not model.folds_embedding(chars, 65, 4, input_dropout=False)
+  assert not model.folds_embedding(chars, 65, 32 * 64, input_dropout=True)
+  for cell, other in (("lstm", dict(one_hot=True)), ("lstm", dict(block="residual")),
+                      ("mingru", {})):
+    assert not model.folds_embedding(_config(cell, embed_dim=256, **other), 65, 2048, False)
+
+
+@pytest.mark.parametrize("impl", ["scan", pytest.param("core", marks=pytest.mark.skipif(
+    bool(kernels.unavailable("core")), reason="jaxrnn's core is not built here"))])
+@pytest.mark.parametrize("name", CELLS)
+def test_the_folded_embedding_gives_the_embedded_tokens_values_and_gradients(name, impl,
+                                                                             monkeypatch):
+  """one_hot(tokens) (E W_ih) in the first layer against E[tokens] W_ih, in training with
+  embedding dropout (its masked rows fold too) and dropout between layers: logits, carries
+  and every parameter's gradient (the embedding's and W_ih's included) to 1e-5."""
+  config = _config(name, embed_dim=32, embed_dropout=0.3, dropout_in=0.0, dropout_hidden=0.2,
+                   impl=impl, hidden_size=16)
+  params = model.init(jax.random.key(0), config, V)
+  carry = jax.tree.map(lambda c: c + 0.1, model.initial_carry(config, B))
+  tokens, rngs = _tokens(3), _rngs(4)
+  assert model.folds_embedding(config, V, tokens.size, input_dropout=False)
+
+  def run(p):
+    new, logits = model.apply(p, carry, tokens, model_config=config, train=True, rng=rngs)
+    return (logits ** 2).sum() + sum((c ** 2).sum() for c in jax.tree.leaves(new)), (new, logits)
+
+  folded = jax.jit(jax.value_and_grad(run, has_aux=True))(params)
+  monkeypatch.setattr(model, "folds_embedding", lambda *args, **kwargs: False)
+  embedded = jax.jit(jax.value_and_grad(run, has_aux=True))(params)
+  for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(embedded), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+  assert float(np.abs(embedded[1]["embed"]).max()) > 0  # the embedding does get gradients
