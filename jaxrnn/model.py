@@ -170,7 +170,8 @@ def outputs(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
   if folds_embedding(model_config, vocab_size, tokens.size, k_in is not None and rate_in > 0):
     table = embed(params, jnp.arange(vocab_size), model_config, vocab_size, k_embed)  # [v, e]
     first = params["layers"][0]
-    stack = {**params, "layers": [{**first, "w_ih": table @ first["w_ih"]},
+    folded = cells.matmul(table, first["w_ih"], blocks.cell(model_config).dtype)
+    stack = {**params, "layers": [{**first, "w_ih": folded},
                                   *params["layers"][1:]]}
     x = jax.nn.one_hot(tokens, vocab_size, dtype=jnp.float32)
   else:

@@ -289,7 +289,6 @@ def test_plot_of_a_classifier_and_without_matplotlib_is_one_line(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
 
 
-
 _FAULTS_PER_STEP = """
 import functools, resource, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -323,8 +322,8 @@ print(before, kept, min(faults_per_step() for _ in range(5)))
 def test_scripts_keep_freed_memory_so_a_training_step_touches_no_new_pages():
   """`cli.keep_freed_memory()`, what every script does first: a training step at the bench
   defaults (50-57 MB of fresh pages per step from glibc before it, unless the kernel backs
-  memory with huge pages anyway) then reuses what the last steps freed. A user's own malloc tuning is
-  left alone."""
+  memory with huge pages anyway) then reuses what the last steps freed. A user's own malloc
+  tuning is left alone."""
   proc = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP], capture_output=True,
                         text=True, cwd=REPO, timeout=300)
   assert proc.returncode == 0, proc.stderr
