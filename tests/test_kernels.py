@@ -89,6 +89,34 @@ def test_the_core_matches_the_xla_scan_over_whole_and_partial_vectors(family):
     _assert_close(grad("core")(params, carries, xs), grad("scan")(params, carries, xs))
 
 
+@needs_core
+def test_the_core_runs_on_xlas_threads_and_starts_none_of_its_own():
+  """A training step through the core (forward and backward, a batch split over the threads)
+  starts no thread: its parts run on XLA's intra-op pool, so nothing competes with XLA's
+  workers for the cores. Counted in a fresh process around the first calls of a compiled
+  step."""
+  import subprocess
+  import sys
+  from conftest import REPO_ROOT
+  code = """
+import os, functools, jax, jax.numpy as jnp
+from jaxrnn import cells, layers
+cell = cells.get("lstm")
+params, carries = [cell.init(jax.random.key(0), 8, 32)], [cell.initial_carry(16, 32)]
+loss = lambda p, xs: jnp.sum(layers.run_stack(cell, p, carries, xs, impl="core")[1])
+xs = jnp.ones((16, 24, 8))
+jax.block_until_ready(jax.jit(jnp.sin)(xs))  # XLA's threads are up
+step = jax.jit(jax.grad(loss)).lower(params, xs).compile()
+before = set(os.listdir("/proc/self/task"))
+for _ in range(3): jax.block_until_ready(step(params, xs))
+print(len(set(os.listdir("/proc/self/task")) - before))
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=REPO_ROOT, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == ["0"]
+
+
 def _torch_stack(family, params, carries, xs, d_ys, d_carries):
   """torch.nn.LSTM / nn.GRU in float64 with jaxrnn's weights: (final carries, ys), and the
   gradients of `_loss` with respect to every weight, the carries and xs, in jaxrnn's layout."""

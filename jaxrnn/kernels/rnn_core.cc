@@ -23,12 +23,11 @@
 // The vectors are GCC vector extensions of kW floats; setup.py builds this file once per ISA
 // (AVX-512: 16 floats, AVX2 + FMA: 8), and Python loads the build the CPU runs. exp and tanh
 // are vectorized here (Cephes' exp, Eigen's rational tanh): a few float32 ulps, which the tests
-// bound against XLA and PyTorch. Threads: the caller and a team of helpers that take parts
-// while they are free (`Team`, no OpenMP): no barrier between steps, so a thread that loses its
-// core delays its own rows only; results do not depend on which thread ran a part.
+// bound against XLA and PyTorch. Threads: the caller and those of XLA's own intra-op threads
+// that are free to take a part (`Team`; no thread of ours, no OpenMP, so nothing competes with
+// XLA's workers for the cores): no barrier between steps, so a thread that loses its core
+// delays its own rows only; results do not depend on which thread ran a part.
 
-#include <pthread.h>
-#include <sched.h>
 #include <xmmintrin.h>
 
 #include <algorithm>
@@ -38,7 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <mutex>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -122,42 +121,31 @@ inline vf Tanh(vf x) {
 
 // ------------------------------------------------------------------------------------ threads
 
-// Runs `fn(task)` for task in [0, n) on the calling thread and on the helpers free to join.
-// Tasks are claimed one at a time from a shared ticket (epoch, n, next), so a helper that is
-// descheduled or asleep holds back at most the one task it took. Helpers spin briefly between
-// jobs (the steps of a layer follow each other closely), then sleep until the next job.
+// The threads of one call: the calling thread and XLA's intra-op threads that are free to join
+// (XLA's own pool, so that no thread of ours competes with its workers for the cores).
+// Run(n, fn) runs fn(task) for task in [0, n): tasks are claimed one at a time from a shared
+// counter, so a helper that arrives late, or never, holds back at most the task it took, and
+// results do not depend on which thread ran a task.
 class Team {
  public:
-  explicit Team(int helpers) {
-    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { Help(); });
-  }
+  explicit Team(ffi::ThreadPool pool) : pool_(pool), size_(Threads(pool)) {}
 
-  int size() const { return 1 + static_cast<int>(threads_.size()); }
+  int size() const { return size_; }
 
   void Run(int n, const std::function<void(int)>& fn) {
-    if (n == 1 || threads_.empty()) {
+    if (n == 1 || size_ == 1) {
       for (int i = 0; i < n; ++i) fn(i);
       return;
     }
-    std::unique_lock<std::mutex> busy(mu_, std::try_to_lock);
-    if (!busy.owns_lock()) {  // another layer runs the team (e.g. pmap's devices): go alone
-      for (int i = 0; i < n; ++i) fn(i);
-      return;
-    }
-    fn_ = &fn;
-    done_.store(0, std::memory_order_relaxed);
-    epoch_ = (epoch_ + 1) & kEpochMask;
-    ticket_.store(Pack(epoch_, n, 0), std::memory_order_release);
-    if (sleeping_.load(std::memory_order_acquire) > 0) {
-      wake_.fetch_add(1, std::memory_order_release);
-      wake_.notify_all();
-    }
-    int mine = 0;
-    for (int task; (task = Claim(epoch_)) >= 0; ++mine) fn(task);
-    done_.fetch_add(mine, std::memory_order_acq_rel);
+    // Shared with the helpers, which may start after this call has returned.
+    auto job = std::make_shared<Job>();
+    job->n = n;
+    job->fn = &fn;
+    for (int i = 1; i < std::min(size_, n); ++i) pool_.Schedule([job] { job->Work(); });
+    job->Work();
     // Wait for the helpers' tasks; yield after a while, in case one of them shares our core.
     const auto start = std::chrono::steady_clock::now();
-    for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
+    for (int spins = 0; job->done.load(std::memory_order_acquire) < n; ++spins) {
       _mm_pause();
       if ((spins & 255) == 255 &&
           std::chrono::steady_clock::now() - start > std::chrono::microseconds(50)) {
@@ -167,78 +155,31 @@ class Team {
   }
 
  private:
-  static constexpr uint64_t kEpochMask = (1ull << 24) - 1;
-  static uint64_t Pack(uint64_t epoch, uint64_t n, uint64_t next) {
-    return epoch << 40 | n << 20 | next;
-  }
-
-  // The next task of job `epoch`, or -1 once it has none left (or a newer job has begun).
-  int Claim(uint64_t epoch) {
-    uint64_t t = ticket_.load(std::memory_order_acquire);
-    for (;;) {
-      const uint64_t e = t >> 40, n = (t >> 20) & 0xFFFFF, next = t & 0xFFFFF;
-      if (e != epoch || next >= n) return -1;
-      if (ticket_.compare_exchange_weak(t, Pack(e, n, next + 1), std::memory_order_acq_rel)) {
-        return static_cast<int>(next);
-      }
-    }
-  }
-
-  void Help() {
-    _mm_setcsr(_mm_getcsr() | 0x8040);  // flush denormals to zero, as XLA's own threads do
-    uint64_t seen = 0;
-    for (;;) {
-      const uint64_t epoch = WaitForJob(seen);
-      seen = epoch;
+  struct Job {
+    int n = 0;
+    const std::function<void(int)>* fn = nullptr;  // read only while a task is unfinished
+    std::atomic<int> next{0}, done{0};
+    void Work() {
       int mine = 0;
-      for (int task; (task = Claim(epoch)) >= 0; ++mine) (*fn_)(task);
-      if (mine) done_.fetch_add(mine, std::memory_order_acq_rel);
-    }
-  }
-
-  // Spins about 30 us for a job newer than `seen`, then sleeps until one is posted.
-  uint64_t WaitForJob(uint64_t seen) {
-    const auto start = std::chrono::steady_clock::now();
-    for (int spins = 0;; ++spins) {
-      const uint64_t epoch = ticket_.load(std::memory_order_acquire) >> 40;
-      if (epoch != seen) return epoch;
-      _mm_pause();
-      if ((spins & 127) == 127 &&
-          std::chrono::steady_clock::now() - start > std::chrono::microseconds(30)) {
-        const uint32_t wake = wake_.load(std::memory_order_acquire);
-        sleeping_.fetch_add(1, std::memory_order_acq_rel);
-        if ((ticket_.load(std::memory_order_acquire) >> 40) == seen) wake_.wait(wake);
-        sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+      for (int task; (task = next.fetch_add(1, std::memory_order_acq_rel)) < n; ++mine) {
+        (*fn)(task);
       }
+      if (mine) done.fetch_add(mine, std::memory_order_acq_rel);
     }
+  };
+
+  // XLA's intra-op threads, at most JAXRNN_CORE_THREADS.
+  static int Threads(ffi::ThreadPool& pool) {
+    int threads = static_cast<int>(std::max<int64_t>(1, pool.num_threads()));
+    if (const char* env = std::getenv("JAXRNN_CORE_THREADS")) {
+      threads = std::min(threads, std::max(1, atoi(env)));
+    }
+    return threads;
   }
 
-  std::mutex mu_;  // one job at a time
-  uint64_t epoch_ = 0;
-  const std::function<void(int)>* fn_ = nullptr;
-  std::atomic<uint64_t> ticket_{0};
-  std::atomic<int> done_{0};
-  std::atomic<uint32_t> wake_{0};
-  std::atomic<int> sleeping_{0};
-  std::vector<std::thread> threads_;
+  ffi::ThreadPool pool_;
+  int size_;
 };
-
-int CoresHere() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// One team per process, as many threads as the cores this process may run on (or
-// JAXRNN_CORE_THREADS); never destroyed, so that its threads outlive every call.
-Team& TheTeam() {
-  static Team* team = [] {
-    int threads = CoresHere();
-    if (const char* env = std::getenv("JAXRNN_CORE_THREADS")) threads = std::max(1, atoi(env));
-    return new Team(threads - 1);
-  }();
-  return *team;
-}
 
 // --------------------------------------------------------------------------------- the tiles
 
@@ -340,16 +281,16 @@ float* Scratch(int use, size_t floats) {
 
 // The batch's rows in contiguous parts, one per thread of the team: rows are independent, so
 // each part runs every time step on its own, with no wait between steps.
-int Parts(long b) { return static_cast<int>(std::min<long>(TheTeam().size(), b)); }
-long PartStart(long b, int part) { return b * part / Parts(b); }
+int Parts(const Team& team, long b) { return static_cast<int>(std::min<long>(team.size(), b)); }
+long PartStart(long b, int parts, int part) { return b * part / parts; }
 
 // W_hh[h, G h] -> forward panels [panel][k < hp][gate][unit vector][kW], zero past h.
 template <class C>
-const float* PackForward(const Shape<C>& s, const float* w) {
+const float* PackForward(Team& team, const Shape<C>& s, const float* w) {
   constexpr int NV = C::kGates * C::kUnitVectors;
   const long hp = s.hp(), g = s.g();
   float* packed = Scratch(0, static_cast<size_t>(s.forward_panels()) * hp * NV * kW);
-  TheTeam().Run(s.forward_panels(), [&](int panel) {
+  team.Run(s.forward_panels(), [&](int panel) {
     float* out = packed + static_cast<long>(panel) * hp * NV * kW;
     for (long k = 0; k < hp; ++k) {
       for (int gate = 0; gate < C::kGates; ++gate) {
@@ -367,11 +308,11 @@ const float* PackForward(const Shape<C>& s, const float* w) {
 
 // W_hh^T[G h, h] -> backward panels [panel][k < G h][unit vector][kW], zero past h.
 template <class C>
-const float* PackBackward(const Shape<C>& s, const float* w) {
+const float* PackBackward(Team& team, const Shape<C>& s, const float* w) {
   constexpr int NV = C::kBackVectors;
   const long g = s.g();
   float* packed = Scratch(1, static_cast<size_t>(s.backward_panels()) * g * NV * kW);
-  TheTeam().Run(s.backward_panels(), [&](int panel) {
+  team.Run(s.backward_panels(), [&](int panel) {
     float* out = packed + static_cast<long>(panel) * g * NV * kW;
     std::memset(out, 0, g * NV * kW * sizeof(float));
     for (int v = 0; v < NV; ++v) {
@@ -394,10 +335,10 @@ struct ForwardIo {
 };
 
 template <class C>
-void Forward(const Shape<C>& s, const ForwardIo& io) {
+void Forward(Team& team, const Shape<C>& s, const ForwardIo& io) {
   constexpr int NV = C::kGates * C::kUnitVectors;
   const long b = s.b, t_size = s.t, h = s.h, hp = s.hp(), g = s.g();
-  const float* packed = PackForward(s, io.w);
+  const float* packed = PackForward(team, s, io.w);
   // The carried state, padded to hp units with zeros (which stay zero: their weights are 0).
   float* h_prev = Scratch(2, 2 * b * hp);
   float* h_next = h_prev + b * hp;
@@ -408,8 +349,9 @@ void Forward(const Shape<C>& s, const ForwardIo& io) {
     std::memcpy(h_prev + r * hp, io.h0 + r * h, h * sizeof(float));
     if (C::kCell) std::memcpy(c + r * hp, io.c0 + r * h, h * sizeof(float));
   }
-  TheTeam().Run(Parts(b), [&](int part) {
-    const long r0 = PartStart(b, part), rows = PartStart(b, part + 1) - r0;
+  const int parts = Parts(team, b);
+  team.Run(parts, [&](int part) {
+    const long r0 = PartStart(b, parts, part), rows = PartStart(b, parts, part + 1) - r0;
     float* mine = h_prev + r0 * hp;  // this part's rows of the state, and of the next one
     float* next = h_next + r0 * hp;
     for (long t = 0; t < t_size; ++t) {
@@ -489,10 +431,10 @@ struct BackwardIo {
 // direct path dh_{t+1} z), then the cell's pointwise gives this step's gate gradients. A final
 // product gives d_h0.
 template <class C>
-void Backward(const Shape<C>& s, const BackwardIo& io) {
+void Backward(Team& team, const Shape<C>& s, const BackwardIo& io) {
   constexpr int NV = C::kBackVectors;
   const long b = s.b, t_size = s.t, h = s.h, hp = s.hp(), g = s.g();
-  const float* packed = PackBackward(s, io.w);
+  const float* packed = PackBackward(team, s, io.w);
   // dc (lstm) or the direct path dh * z (gru), per padded unit; rnn needs neither.
   float* carried = Scratch(2, b * hp);
   std::memset(carried, 0, b * hp * sizeof(float));
@@ -500,8 +442,9 @@ void Backward(const Shape<C>& s, const BackwardIo& io) {
     for (long r = 0; r < b; ++r) std::memcpy(carried + r * hp, io.d_c_last + r * h, h * sizeof(float));
   }
   const float* product_source = C::kTwoGrads ? io.d_gh : io.d_gx;  // what meets W_hh^T
-  TheTeam().Run(Parts(b), [&](int part) {
-  const long r0 = PartStart(b, part), rows = PartStart(b, part + 1) - r0;
+  const int parts = Parts(team, b);
+  team.Run(parts, [&](int part) {
+  const long r0 = PartStart(b, parts, part), rows = PartStart(b, parts, part + 1) - r0;
   for (long step = t_size - 1; step >= -1; --step) {  // step -1: the pass that gives d_h0
     const bool first = step == t_size - 1, last_pass = step == -1;
     // The next step's gate gradients, this part's rows (at b * t * g apart).
@@ -598,7 +541,7 @@ Shape<C> ShapeOf(const ffi::AnyBuffer& seq, const ffi::AnyBuffer& h0) {
 
 // Forward: args gx, w_hh, [b_hn], h0, [c0]; rets ys, hT, [cT], [aux].
 template <class C, bool kTrain>
-ffi::Error ForwardHandler(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets) {
   auto arg = [&](size_t i) { return args.get<ffi::AnyBuffer>(i).value(); };
   auto ret = [&](size_t i) { return Ptr(*rets.get<ffi::AnyBuffer>(i).value()); };
   const int gru = C::kTwoGrads, c = C::kCell;
@@ -606,13 +549,15 @@ ffi::Error ForwardHandler(ffi::RemainingArgs args, ffi::RemainingRets rets) {
   ForwardIo io{Ptr(arg(0)), Ptr(arg(1)), gru ? Ptr(arg(2)) : nullptr, Ptr(arg(2 + gru)),
                c ? Ptr(arg(3 + gru)) : nullptr, ret(0), ret(1), c ? ret(2) : nullptr,
                kTrain && C::kAux ? ret(2 + c) : nullptr};
-  if (s.t > 0) Forward(s, io);
+  Team team(pool);
+  if (s.t > 0) Forward(team, s, io);
   return ffi::Error::Success();
 }
 
 // Backward: args w_hh, h0, [c0], ys, aux, d_ys, d_hT, [d_cT]; rets d_gx, [d_gh], d_h0, [d_c0].
 template <class C>
-ffi::Error BackwardHandler(ffi::RemainingArgs args, ffi::RemainingRets rets) {
+ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets) {
   auto arg = [&](size_t i) { return args.get<ffi::AnyBuffer>(i).value(); };
   auto ret = [&](size_t i) { return Ptr(*rets.get<ffi::AnyBuffer>(i).value()); };
   const int gru = C::kTwoGrads, c = C::kCell;
@@ -621,25 +566,25 @@ ffi::Error BackwardHandler(ffi::RemainingArgs args, ffi::RemainingRets rets) {
                 Ptr(arg(2 + c)), Ptr(arg(3 + c)),     Ptr(arg(4 + c)),
                 Ptr(arg(5 + c)), c ? Ptr(arg(6 + c)) : nullptr,
                 ret(0),          gru ? ret(1) : nullptr, ret(1 + gru), c ? ret(2 + gru) : nullptr};
-  if (s.t > 0) Backward(s, io);
+  Team team(pool);
+  if (s.t > 0) Backward(team, s, io);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-#define JAXRNN_CORE(cell, type)                                                              \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_infer, (ForwardHandler<type, false>),    \
-                                ffi::Ffi::Bind().RemainingArgs().RemainingRets());            \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_train, (ForwardHandler<type, true>),     \
-                                ffi::Ffi::Bind().RemainingArgs().RemainingRets());            \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_grad, BackwardHandler<type>,             \
-                                ffi::Ffi::Bind().RemainingArgs().RemainingRets())
+#define JAXRNN_BINDING ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().RemainingArgs().RemainingRets()
+#define JAXRNN_CORE(cell, type)                                                                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_infer, (ForwardHandler<type, false>),        \
+                                JAXRNN_BINDING);                                                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_train, (ForwardHandler<type, true>),         \
+                                JAXRNN_BINDING);                                                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_grad, BackwardHandler<type>, JAXRNN_BINDING)
 
 JAXRNN_CORE(lstm, Lstm);
 JAXRNN_CORE(gru, Gru);
 JAXRNN_CORE(rnn_tanh, Rnn<false>);
 JAXRNN_CORE(rnn_relu, Rnn<true>);
 
-// Floats per vector of this build, and the threads of its team (read by Python).
+// Floats per vector of this build (read by Python).
 extern "C" int jaxrnn_core_vector_floats() { return kW; }
-extern "C" int jaxrnn_core_threads() { return TheTeam().size(); }
