@@ -56,8 +56,10 @@ class BuildKernels(build_ext):
 
 
 # rnn_core.cc per instruction set: (flags, floats per vector). -ffp-contract=fast makes a * b + c
-# one fused multiply-add, as the kernel's products and polynomials are written to be.
-CORE_BUILDS = {"avx512": (["-mavx512f", "-mfma"], 16), "avx2": (["-mavx2", "-mfma"], 8)}
+# one fused multiply-add, as the kernel's products and polynomials are written to be;
+# avx512bf16 takes bfloat16 products with AVX512-BF16's dot product (the others with FMAs).
+CORE_BUILDS = {"avx512bf16": (["-mavx512f", "-mavx512bf16", "-mfma", "-DJAXRNN_BF16_DOT"], 16),
+               "avx512": (["-mavx512f", "-mfma"], 16), "avx2": (["-mavx2", "-mfma"], 8)}
 x86_64 = platform.machine() in ("x86_64", "AMD64")
 ffi_include = _ffi_include()
 extensions = [

@@ -34,7 +34,7 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
   if cell.kernel not in kernels.FAMILIES[impl]:
     raise UserError(f"model.impl={impl} runs the cells {', '.join(kernels.FAMILIES[impl])}, "
                     f"not {cell.name!r}; {instead}")
-  if cell.dtype != jnp.float32:
+  if cell.dtype not in kernels.DTYPES[impl]:
     raise UserError(f"model.impl={impl} runs float32 only: set model.compute_dtype=float32 or "
                     f"{instead}")
   if impl == "cudnn" and (platform or jax.default_backend()) != "gpu":
@@ -49,6 +49,7 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
 #   platform  cell                              float32, hidden, more than 1 step   impl
 #   cpu       lstm, gru                         hidden >= 64                       onednn/core
 #   cpu       rnn                               hidden >= 64                       core
+#   cpu       lstm, gru, rnn with bfloat16 operands (compute_dtype), hidden >= 64     core
 #             (a kernel not built here: the next one of the list, else the XLA path below)
 #   cpu       rnn, lnlstm, mlstm                otherwise                          fused
 #   cpu       every other cell, size or one step at a time                        scan
@@ -73,6 +74,7 @@ CUDNN_MIN_HIDDEN = 1024
 # oneDNN's OpenMP team slows 2.5x. `auto` takes the first of each list that can run the cell.
 CPU_INFER = ("onednn", "core")
 CPU_TRAIN = ("core", "onednn")
+CPU_BFLOAT16 = ("core",)
 
 
 def _fastest_here(cell: Cell, order: tuple[str, ...]) -> str | None:
@@ -98,6 +100,9 @@ def resolve(cell: Cell, impl: str, hidden_size: int, steps: int,
     return impl
   float32 = cell.dtype == jnp.float32
   if platform == "cpu":
+    if not float32 and steps > 1 and hidden_size >= ONEDNN_MIN_HIDDEN:
+      if core := _fastest_here(cell, CPU_BFLOAT16):  # the one kernel with bfloat16 operands
+        return core
     if float32 and steps > 1 and hidden_size >= ONEDNN_MIN_HIDDEN:
       infer = CPU_INFER
       if _fastest_here(cell, CPU_INFER) == "onednn" and kernels.openmp_shared():
@@ -144,9 +149,9 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *, unroll: int 
   """
   impl = resolve(cell, impl, hidden(carry).shape[-1], xs.shape[1])
   if "/" in impl:  # inference / training kernels, batch-major
-    return kernels.per_pass(*impl.split("/"))(cell.kernel, params, carry, xs)
+    return kernels.per_pass(*impl.split("/"))(cell.kernel, params, carry, xs, cell.dtype)
   if impl in kernels.LAYERS:  # batch-major, as the kernels take it
-    return kernels.LAYERS[impl](cell.kernel, params, carry, xs)
+    return kernels.LAYERS[impl](cell.kernel, params, carry, xs, cell.dtype)
   carry, ys = recurrence(cell, impl, xs.shape[1])(params, carry, jnp.swapaxes(xs, 0, 1), unroll)
   return carry, jnp.swapaxes(ys, 0, 1)
 

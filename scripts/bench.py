@@ -56,7 +56,8 @@ flags.DEFINE_string("impls", "", "Comma list of config.model.impl values (e.g. a
                     "scan,fused); '': the default, auto, in a row named jaxrnn.")
 flags.DEFINE_string("serve", "", "Internal: the row this process times for its parent.")
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
-                  "jaxrnn's matrix-product operands (config.model.compute_dtype).")
+                  "Every row's matrix-product operands: jaxrnn's config.model.compute_dtype, "
+                  "PyTorch's autocast, flax's cell dtype.")
 FLAGS = flags.FLAGS
 
 _QUICK = {"hidden": 32, "embed": 16, "batch": 4, "seq": 8, "steps": 2, "rounds": 2, "warmup": 1,
@@ -160,8 +161,11 @@ def _torch(cell: str, hidden: int, data: Data) -> Fns:
   carry = [None]
 
   def forward(tokens, state=None):
-    ys, state = rnn(embed(tokens), state)
-    return head(ys), state
+    # --compute_dtype=bfloat16: PyTorch's own mixed precision (autocast), float32 parameters.
+    with torch.autocast(dev.type, dtype=torch.bfloat16,
+                        enabled=FLAGS.compute_dtype == "bfloat16"):
+      ys, state = rnn(embed(tokens), state)
+      return head(ys), state
 
   def train_fn():
     opt.zero_grad(set_to_none=True)
@@ -202,7 +206,8 @@ def _flax(cell: str, hidden: int, data: Data) -> Fns:
     def __call__(self, tokens, carries):
       xs, new = nn.Embed(FLAGS.vocab, FLAGS.embed)(tokens), []
       for c in carries:
-        c, xs = nn.RNN(cell_cls(hidden), return_carry=True)(xs, initial_carry=c)
+        c, xs = nn.RNN(cell_cls(hidden, dtype=jnp.dtype(FLAGS.compute_dtype)),
+                       return_carry=True)(xs, initial_carry=c)
         new.append(c)
       return new, nn.Dense(FLAGS.vocab)(xs)
 

@@ -5,9 +5,12 @@ extensions, and runs that change impl between training, resuming and evaluating.
 
 import functools
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -95,8 +98,6 @@ def test_the_core_runs_on_xlas_threads_and_starts_none_of_its_own():
   starts no thread: its parts run on XLA's intra-op pool, so nothing competes with XLA's
   workers for the cores. Counted in a fresh process around the first calls of a compiled
   step."""
-  import subprocess
-  import sys
   from conftest import REPO_ROOT
   code = """
 import os, functools, jax, jax.numpy as jnp
@@ -115,6 +116,102 @@ print(len(set(os.listdir("/proc/self/task")) - before))
                         cwd=REPO_ROOT, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.split() == ["0"]
+
+
+def _bf16(a):
+  """a's values rounded to bfloat16 (to nearest even) in float64: the core's bfloat16 operands."""
+  return np.asarray(np.asarray(a, np.float32).astype(ml_dtypes.bfloat16), np.float64)
+
+
+@needs_core
+def test_the_core_with_bfloat16_operands_matches_a_float64_loop():
+  """compute_dtype=bfloat16 in the core: an LSTM layer's outputs and final carries equal a
+  float64 NumPy loop whose products take bfloat16-rounded operands (x, h, W_ih, W_hh) and
+  whose sums are exact, to 1e-4 (where the float32 state lies next to the midpoint between
+  two bfloat16 values, it can round to the other one than the float64 state does: 0.4% of the
+  outputs move by up to 4e-5); hidden 40 (partial vectors), batch 13 (odd parts)."""
+  cell = cells.get("lstm", compute_dtype="bfloat16")
+  b, t, d, h = 13, 29, 24, 40
+  params = cell.init(jax.random.key(3), d, h)
+  rng = np.random.default_rng(3)
+  xs, h0, c0 = (rng.normal(size=shape).astype(np.float32) for shape in ((b, t, d), (b, h), (b, h)))
+  (h_t, c_t), ys = jax.jit(functools.partial(layers.run, cell, impl="core"))(
+      params, (jnp.asarray(h0), jnp.asarray(c0)), jnp.asarray(xs))
+  w_ih, w_hh = _bf16(params["w_ih"]), _bf16(params["w_hh"])
+  sigmoid = lambda z: 1 / (1 + np.exp(-z))
+  hh, cc, want = h0.astype(np.float64), c0.astype(np.float64), []
+  for step in range(t):
+    z = _bf16(xs[:, step]) @ w_ih + np.asarray(params["b"], np.float64) + _bf16(hh) @ w_hh
+    i, f, g, o = np.split(z, 4, axis=-1)
+    cc = sigmoid(f) * cc + sigmoid(i) * np.tanh(g)
+    hh = sigmoid(o) * np.tanh(cc)
+    want.append(hh)
+  _assert_close((ys, h_t, c_t), (np.stack(want, 1), hh, cc), rtol=1e-4)
+
+
+@needs_core
+@pytest.mark.parametrize("family, hidden, b, t", [("lstm", 40, 13, 29), ("gru", 5, 3, 37),
+                                                  ("rnn", 35, 2, 300)])
+def test_the_core_with_bfloat16_operands_trains_within_bfloat16s_precision(family, hidden, b, t):
+  """A 2-layer stack with bfloat16 operands in the core: values within 1e-3 of the XLA scan's
+  with the same operands, and values and every gradient within 2e-2 of float32's (bfloat16
+  keeps 8 bits; the XLA scan's own bfloat16 gradients are 4-8e-3 from float32's here). Hidden
+  5 gives the GRU an odd number of gate columns (15), which the kernel pads to whole pairs."""
+  c16, c32 = cells.get(family, compute_dtype="bfloat16"), cells.get(family)
+  keys = jax.random.split(jax.random.key(hidden), 2)
+  params = [c32.init(keys[0], D, hidden), c32.init(keys[1], hidden, hidden)]
+  rng = np.random.default_rng(hidden)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  carries = [jax.tree.map(lambda z: normal(*z.shape), c32.initial_carry(b, hidden))
+             for _ in range(2)]
+  xs, d_ys = normal(b, t, D), normal(b, t, hidden)
+  d_carries = jax.tree.map(lambda z: normal(*z.shape), carries)
+  run = lambda cell, impl: jax.jit(functools.partial(layers.run_stack, cell, impl=impl))(
+      params, carries, xs)
+  grad = lambda cell, impl: jax.jit(jax.grad(functools.partial(
+      _loss, cell, impl, d_ys, d_carries), argnums=(0, 1, 2)))(params, carries, xs)
+  _assert_close(run(c16, "core"), run(c16, "scan"), rtol=1e-3)
+  _assert_close(run(c16, "core"), run(c32, "scan"), rtol=2e-2)
+  _assert_close(grad(c16, "core"), grad(c32, "scan"), rtol=2e-2)
+
+
+def test_the_core_build_is_chosen_by_the_cpus_flags(monkeypatch):
+  """The builds of rnn_core.cc a CPU can run, fastest first: bfloat16's dot product where the
+  CPU has it, then AVX-512, then AVX2 with FMA."""
+  for flags, want in (({"avx512f", "avx512_bf16", "avx2", "fma"}, ["avx512bf16", "avx512", "avx2"]),
+                      ({"avx512f", "avx2", "fma"}, ["avx512", "avx2"]),
+                      ({"avx2", "fma"}, ["avx2"]), ({"sse4_2"}, [])):
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: flags)
+    assert kernels._core_isas() == want
+
+
+BF16_BUILDS = ("avx512_bf16" in kernels._cpu_flags() and kernels._extension(
+    "_rnn_core_avx512bf16") is not None and kernels._extension("_rnn_core_avx512") is not None)
+
+
+@pytest.mark.skipif(not BF16_BUILDS, reason="needs a CPU with AVX512-BF16 and both AVX-512 builds")
+def test_avx512_bf16s_dot_product_gives_what_the_fma_build_gives(tmp_path):
+  """A bfloat16 LSTM's value and gradients in the avx512bf16 build (VDPBF16PS) equal those of
+  the avx512 build (two FMAs per pair of operands), each in a process of its own, to 1e-6."""
+  from conftest import REPO_ROOT
+  code = """
+import sys, numpy as np, jax, jax.numpy as jnp
+from jaxrnn import cells, kernels, layers
+kernels._core_isas = lambda: [sys.argv[1]]
+cell = cells.get("lstm", compute_dtype="bfloat16")
+params = cell.init(jax.random.key(0), 24, 40)
+xs, carry = jax.random.normal(jax.random.key(1), (5, 33, 24)), cell.initial_carry(5, 40)
+loss = lambda p: jnp.sum(jnp.sin(layers.run(cell, p, carry, xs, impl="core")[1]))
+value, grads = jax.jit(jax.value_and_grad(loss))(params)
+np.savez(sys.argv[2], value=value, **grads)
+"""
+  got = {}
+  for isa in ("avx512bf16", "avx512"):
+    proc = subprocess.run([sys.executable, "-c", code, isa, str(tmp_path / isa)],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got[isa] = dict(np.load(tmp_path / f"{isa}.npz"))
+  _assert_close(got["avx512bf16"], got["avx512"], rtol=1e-6)
 
 
 def _torch_stack(family, params, carries, xs, d_ys, d_carries):
@@ -220,15 +317,18 @@ def own_openmp(monkeypatch):
 @needs_core
 def test_auto_picks_the_cpu_kernels_per_pass_and_size(own_openmp):
   """lstm and gru in float32 from hidden 64: evaluation in oneDNN, training in the core; rnn in
-  the core; smaller, bf16 or one step: XLA."""
+  the core; bfloat16 operands in the core (the one kernel that takes them); smaller or one
+  step: XLA."""
   for name in ("lstm", "gru"):
     assert layers.resolve(cells.get(name), "auto", 64, 64, "cpu") == "onednn/core"
     assert layers.resolve(cells.get(name), "auto", 512, 64, "cpu") == "onednn/core"
     assert layers.resolve(cells.get(name), "auto", 32, 64, "cpu") == "scan"
     assert layers.resolve(cells.get(name), "auto", 256, 1, "cpu") == "scan"
   assert layers.resolve(cells.get("rnn"), "auto", 64, 64, "cpu") == "core"
-  assert layers.resolve(cells.get("lstm", compute_dtype="bfloat16"), "auto", 256, 64,
-                        "cpu") == "scan"
+  for name in ("lstm", "gru", "rnn"):
+    bf16 = cells.get(name, compute_dtype="bfloat16")
+    assert layers.resolve(bf16, "auto", 256, 64, "cpu") == "core"
+    assert layers.resolve(bf16, "auto", 32, 64, "cpu") == ("fused" if name == "rnn" else "scan")
 
 
 @needs_onednn
@@ -376,8 +476,6 @@ def test_with_openmp_loaded_by_another_library_auto_evaluates_in_the_core():
   """In a process that imported torch first (its libgomp, at the default spin count, loads
   before oneDNN's), auto evaluates an LSTM in the core and trains it there, saying why once; in
   a fresh process, oneDNN evaluates."""
-  import subprocess
-  import sys
   from conftest import REPO_ROOT
   code = ("{first}from jaxrnn import cells, layers\n"
           "for _ in range(2): print(layers.resolve(cells.get('lstm'), 'auto', 256, 64, 'cpu'))")

@@ -31,15 +31,19 @@ import importlib.machinery
 import os
 import pathlib
 import sys
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 
-from jaxrnn.cells import Carry, Params
+from jaxrnn.cells import Carry, Params, matmul
 
 FAMILIES = {"core": ("lstm", "gru", "rnn_tanh", "rnn_relu"), "onednn": ("lstm", "gru"),
             "cudnn": ("lstm",)}
+# The products' operand types (model.compute_dtype) each kernel runs; accumulation is float32.
+DTYPES = {"core": (jnp.float32, jnp.bfloat16), "onednn": (jnp.float32,),
+          "cudnn": (jnp.float32,)}
+_SUFFIX = {jnp.dtype(jnp.float32): "", jnp.dtype(jnp.bfloat16): "_bf16"}  # rnn_core.cc's handlers
 _CELL_ID = {"lstm": 0, "gru": 1}  # `Cell` in onednn_rnn.cc
 _HANDLERS = [f"jaxrnn_{family}_{p}" for family in _CELL_ID for p in ("infer", "train", "grad")]
 _PASSES = ("infer", "train", "grad")
@@ -147,34 +151,40 @@ def _cpu_flags() -> set[str]:
   return set()
 
 
-def _core_isa() -> str | None:
-  """The build of rnn_core.cc this CPU runs: avx512 (16 floats a vector), avx2 (8), or None."""
+def _core_isas() -> list[str]:
+  """The builds of rnn_core.cc this CPU can run, fastest first: avx512bf16 (AVX-512 with its
+  bfloat16 dot product), avx512 (16 floats a vector), avx2 (8)."""
   flags = _cpu_flags()
+  isas = []
+  if {"avx512f", "avx512_bf16"} <= flags:
+    isas.append("avx512bf16")
   if "avx512f" in flags:
-    return "avx512"
+    isas.append("avx512")
   if {"avx2", "fma"} <= flags:
-    return "avx2"
-  return None
+    isas.append("avx2")
+  return isas
 
 
 @functools.cache
 def _load_core() -> tuple[ctypes.CDLL | None, str]:
   """(the loaded core with its FFI targets registered, "") or (None, why not)."""
-  isa = _core_isa()
-  if isa is None:
+  isas = _core_isas()
+  if not isas:
     return None, "jaxrnn's core needs an x86-64 CPU with AVX-512 or AVX2 and FMA"
-  extension = _extension(f"_rnn_core_{isa}")
-  if extension is None:
-    return None, (f"jaxrnn's core ({isa}) is not built (`pip install -e .` builds it where a "
-                  "C++20 compiler is available)")
+  built = [e for e in map(_extension, (f"_rnn_core_{isa}" for isa in isas)) if e is not None]
+  if not built:
+    return None, (f"jaxrnn's core ({isas[0]}) is not built (`pip install -e .` builds it where "
+                  "a C++20 compiler is available)")
+  extension = built[0]
   try:
     lib = ctypes.CDLL(str(extension))
   except OSError as e:
     return None, f"loading jaxrnn's core failed: {e}"
   for family in FAMILIES["core"]:
     for p in _PASSES:
-      name = f"jaxrnn_core_{family}_{p}"
-      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+      for suffix in _SUFFIX.values():
+        name = f"jaxrnn_core_{family}_{p}{suffix}"
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
   return lib, ""
 
 
@@ -279,9 +289,11 @@ def _onednn_bwd(family, residuals, cotangents):
 _onednn.defvjp(_onednn_fwd, _onednn_bwd)
 
 
-def onednn_layer(family: str, params: Params, carry: Carry,
-                 xs: jax.Array) -> tuple[Carry, jax.Array]:
-  """A `family` layer over xs<float32>[b, t, d] in oneDNN -> (carry, ys<float32>[b, t, h])."""
+def onednn_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
+                 dtype: Any = jnp.float32) -> tuple[Carry, jax.Array]:
+  """A `family` layer over xs<float32>[b, t, d] in oneDNN -> (carry, ys<float32>[b, t, h]).
+  float32 only (`DTYPES`; layers.check says so to the user)."""
+  del dtype
   if why := unavailable("onednn"):
     raise RuntimeError(f"model.impl=onednn cannot run: {why}")
   return _onednn(family, _onednn_weights(family, params), carry, xs)
@@ -300,11 +312,12 @@ def cudnn_weights(params: Params) -> jax.Array:
                           jnp.zeros_like(b)])
 
 
-def cudnn_layer(family: str, params: Params, carry: Carry,
-                xs: jax.Array) -> tuple[Carry, jax.Array]:
-  """An LSTM layer over xs<float32>[b, t, d] in cuDNN -> (carry, ys<float32>[b, t, h])."""
+def cudnn_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
+                dtype: Any = jnp.float32) -> tuple[Carry, jax.Array]:
+  """An LSTM layer over xs<float32>[b, t, d] in cuDNN -> (carry, ys<float32>[b, t, h]).
+  float32 only (`DTYPES`)."""
   from jax.experimental import rnn  # imported here: it registers GPU lowerings on first use
-  del family  # "lstm", the one cuDNN binding JAX has
+  del family, dtype  # "lstm", the one cuDNN binding JAX has
   h, c = carry
   b, t, d = xs.shape
   ys, h_n, c_n = rnn.lstm(xs, h[None], c[None], cudnn_weights(params),
@@ -319,12 +332,13 @@ _CORE_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 _CORE_AUX = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}  # the gates rnn_core.cc keeps
 
 
-def _core_forward(family, train, params, carry, xs):
-  """-> ((carry, ys<[b, t, h]>), aux or None): gx = xs W_ih + b in XLA, then the core's loop."""
+def _core_forward(family, dtype, train, params, carry, xs):
+  """-> ((carry, ys<[b, t, h]>), aux or None): gx = xs W_ih + b in XLA, then the core's loop;
+  every product with `dtype` operands (the loop's per-step ones too) and float32 sums."""
   states = _states(family, carry)
   b, t, _ = xs.shape
   h = states[0].shape[-1]
-  gx = jnp.dot(xs, params["w_ih"]) + params["b"]  # [b, t, g]: one product for all steps
+  gx = matmul(xs, params["w_ih"], dtype) + params["b"]  # [b, t, g]: one product for all steps
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   outs = [f32(b, t, h)] + [f32(b, h)] * len(states)
   if train:
@@ -332,23 +346,23 @@ def _core_forward(family, train, params, carry, xs):
     padded = -(-h // floats) * floats
     outs.append(f32(t * b * padded * _CORE_AUX[family]))
   extra = (params["b_hn"],) if family == "gru" else ()
-  res = _call(f"jaxrnn_core_{family}_{'train' if train else 'infer'}", outs, gx,
+  res = _call(f"jaxrnn_core_{family}_{'train' if train else 'infer'}{_SUFFIX[dtype]}", outs, gx,
               params["w_hh"], *extra, *states)
   return (_carry(family, res[1:1 + len(states)]), res[0]), (res[-1] if train else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(family, params, carry, xs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _core(family, dtype, params, carry, xs):
   """One layer in the core: the loop without keeping its gates when not differentiated."""
-  return _core_forward(family, False, params, carry, xs)[0]
+  return _core_forward(family, dtype, False, params, carry, xs)[0]
 
 
-def _core_fwd(family, params, carry, xs):
-  (new_carry, ys), aux = _core_forward(family, True, params, carry, xs)
+def _core_fwd(family, dtype, params, carry, xs):
+  (new_carry, ys), aux = _core_forward(family, dtype, True, params, carry, xs)
   return (new_carry, ys), (params, carry, xs, ys, aux)
 
 
-def _core_bwd(family, residuals, cotangents):
+def _core_bwd(family, dtype, residuals, cotangents):
   """The core's backward loop gives the gates' gradients dG<[b, t, g]>; every weight gradient
   and dx is then one product over all b * t rows: dW_ih = X^T dG, dW_hh = H_prev^T dG_h,
   db = sum dG, dx = dG W_ih^T (the GRU's dG_h differs from dG in its n block: r * dn)."""
@@ -360,51 +374,51 @@ def _core_bwd(family, residuals, cotangents):
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   two = family == "gru"
   outs = [f32(b, t, g)] * (2 if two else 1) + [f32(b, h)] * len(states)
-  res = _call(f"jaxrnn_core_{family}_grad", outs, params["w_hh"], *states, ys, aux, d_ys,
-              *_states(family, d_carry))
+  res = _call(f"jaxrnn_core_{family}_grad{_SUFFIX[dtype]}", outs, params["w_hh"], *states, ys,
+              aux, d_ys, *_states(family, d_carry))
   d_gx = res[0].reshape(b * t, g)
   d_gh = res[1].reshape(b * t, g) if two else d_gx
   d_states = res[2 if two else 1:]
   rows = lambda x: x.reshape(b * t, x.shape[-1])
   h_prev = jnp.concatenate([states[0][:, None], ys[:, :-1]], axis=1)
-  over_rows = (((0,), (0,)), ((), ()))  # contract the b * t rows
-  grads = {"w_ih": jax.lax.dot_general(rows(xs), d_gx, over_rows),
-           "w_hh": jax.lax.dot_general(rows(h_prev), d_gh, over_rows),
+  grads = {"w_ih": matmul(rows(xs).T, d_gx, dtype),  # contract the b * t rows
+           "w_hh": matmul(rows(h_prev).T, d_gh, dtype),
            "b": d_gx.sum(0)}
   if two:
     grads["b_hn"] = d_gh[:, 2 * h:].sum(0)
-  d_xs = jnp.dot(d_gx, params["w_ih"].T).reshape(b, t, d)
+  d_xs = matmul(d_gx, params["w_ih"].T, dtype).reshape(b, t, d)
   return grads, _carry(family, d_states), d_xs
 
 
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def core_layer(family: str, params: Params, carry: Carry,
-               xs: jax.Array) -> tuple[Carry, jax.Array]:
-  """A `family` layer over xs<float32>[b, t, d] in jaxrnn's core -> (carry, ys<float32>[b, t, h])."""
+def core_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
+               dtype: Any = jnp.float32) -> tuple[Carry, jax.Array]:
+  """A `family` layer over xs<float32>[b, t, d] in jaxrnn's core -> (carry, ys<float32>[b, t, h]),
+  its products with `dtype` operands (float32 or bfloat16) and float32 sums."""
   if why := unavailable("core"):
     raise RuntimeError(f"model.impl=core cannot run: {why}")
-  return _core(family, params, carry, xs)
+  return _core(family, jnp.dtype(dtype), params, carry, xs)
 
 
-Layer = Callable[[str, Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+Layer = Callable[[str, Params, Carry, jax.Array, Any], tuple[Carry, jax.Array]]
 LAYERS: dict[str, Layer] = {"core": core_layer, "onednn": onednn_layer, "cudnn": cudnn_layer}
 
 
 def per_pass(infer: str, train: str) -> Layer:
   """A layer that runs kernel `infer` where it is not differentiated (evaluation, a sampling
   prefix) and kernel `train` where it is: its VJP is `train`'s. The two agree to 1e-5."""
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-  def layer(family, params, carry, xs):
-    return LAYERS[infer](family, params, carry, xs)
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+  def layer(family, params, carry, xs, dtype):
+    return LAYERS[infer](family, params, carry, xs, dtype)
 
-  def layer_fwd(family, params, carry, xs):
-    out, vjp = jax.vjp(functools.partial(LAYERS[train], family), params, carry, xs)
+  def layer_fwd(family, params, carry, xs, dtype):
+    out, vjp = jax.vjp(functools.partial(LAYERS[train], family, dtype=dtype), params, carry, xs)
     return out, vjp
 
-  def layer_bwd(family, vjp, cotangents):
-    del family
+  def layer_bwd(family, dtype, vjp, cotangents):
+    del family, dtype
     return vjp(cotangents)
 
   layer.defvjp(layer_fwd, layer_bwd)

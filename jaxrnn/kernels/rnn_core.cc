@@ -18,20 +18,25 @@
 //                             -> d_gx[b, t, G h], [d_gh[b, t, G h]: gru], d_h0, [d_c0]
 // with G gates per unit (lstm 4: i f g o; gru 3: r z n; rnn 1) in PyTorch's order, gx
 // including the biases, d_gx the gradient of the gates' pre-activations and (gru) d_gh that of
-// h W_hh + (0, 0, b_hn), from which XLA takes dW_hh and db_hn.
+// h W_hh + (0, 0, b_hn), from which XLA takes dW_hh and db_hn. Each handler also comes as
+// <name>_bf16 (model.compute_dtype=bfloat16): the same, with the per-step products taking
+// bfloat16 operands (W_hh, and the state or the gate gradients, rounded to nearest even) and
+// summing in float32.
 //
 // The vectors are GCC vector extensions of kW floats; setup.py builds this file once per ISA
-// (AVX-512: 16 floats, AVX2 + FMA: 8), and Python loads the build the CPU runs. exp and tanh
-// are vectorized here (Cephes' exp, Eigen's rational tanh): a few float32 ulps, which the tests
-// bound against XLA and PyTorch. Threads: the caller and those of XLA's own intra-op threads
-// that are free to take a part (`Team`; no thread of ours, no OpenMP, so nothing competes with
-// XLA's workers for the cores): no barrier between steps, so a thread that loses its core
-// delays its own rows only; results do not depend on which thread ran a part.
+// (AVX-512 with AVX512-BF16, AVX-512: 16 floats; AVX2 + FMA: 8), and Python loads the fastest
+// build the CPU runs. exp and tanh are vectorized here (Cephes' exp, Eigen's rational tanh): a
+// few float32 ulps, which the tests bound against XLA and PyTorch. Threads: the caller and
+// those of XLA's own intra-op threads that are free to take a part (`Team`; no thread of ours,
+// no OpenMP, so nothing competes with XLA's workers for the cores): no barrier between steps,
+// so a thread that loses its core delays its own rows only; results do not depend on which
+// thread ran a part.
 
-#include <xmmintrin.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -119,6 +124,56 @@ inline vf Tanh(vf x) {
   return x * p / q;
 }
 
+// ------------------------------------------------------------------------- bfloat16 operands
+
+// With compute_dtype=bfloat16 the per-step products take bfloat16 operands and accumulate in
+// float32; the state, the gates and everything pointwise stay float32. A vector of operands
+// holds kW lanes of two bfloat16 each, consecutive k in one lane, the even k in its low half:
+// the layout of AVX512-BF16's dot product, which the build for CPUs that have it runs
+// (JAXRNN_BF16_DOT); the other builds take the same two products with FMAs.
+typedef uint16_t bf16;
+typedef uint32_t vu __attribute__((vector_size(kW * 4)));
+typedef uint16_t vh __attribute__((vector_size(kW * 2)));
+typedef uint16_t vhu __attribute__((vector_size(kW * 2), aligned(2)));
+
+// c + a_odd b_odd + a_even b_even, lane by lane (a, b: pairs of bfloat16).
+inline vf Dot2(vf c, vf a, vf b) {
+#ifdef JAXRNN_BF16_DOT
+  return std::bit_cast<vf>(_mm512_dpbf16_ps(std::bit_cast<__m512>(c), std::bit_cast<__m512bh>(a),
+                                            std::bit_cast<__m512bh>(b)));
+#else
+  const vu ai = std::bit_cast<vu>(a), bi = std::bit_cast<vu>(b), mask = vu{} + 0xFFFF0000u;
+  c += std::bit_cast<vf>(ai & mask) * std::bit_cast<vf>(bi & mask);
+  return c + std::bit_cast<vf>(ai << 16) * std::bit_cast<vf>(bi << 16);
+#endif
+}
+
+// float32 -> bfloat16 rounded to the nearest even (finite values), in the low half of a lane.
+inline vu Bf16Bits(vf x) {
+  const vu bits = std::bit_cast<vu>(x);
+  return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+}
+
+inline bf16 ToBf16(float x) { return static_cast<bf16>(Bf16Bits(Splat(x))[0]); }
+
+// Two bfloat16 as one 32-bit lane (lo: the even k).
+inline float Pair(float lo, float hi) {
+  return std::bit_cast<float>(static_cast<uint32_t>(ToBf16(lo)) |
+                              static_cast<uint32_t>(ToBf16(hi)) << 16);
+}
+
+// The first n <= kW lanes of v as bfloat16 at p.
+inline void StoreBf16(bf16* p, vf v, int n) {
+  const vh h = __builtin_convertvector(Bf16Bits(v), vh);
+  if (n == kW) {
+    *reinterpret_cast<vhu*>(p) = h;
+    return;
+  }
+  bf16 lanes[kW];
+  *reinterpret_cast<vhu*>(lanes) = h;
+  std::memcpy(p, lanes, n * sizeof(bf16));
+}
+
 // ------------------------------------------------------------------------------------ threads
 
 // The threads of one call: the calling thread and XLA's intra-op threads that are free to join
@@ -183,10 +238,15 @@ class Team {
 
 // --------------------------------------------------------------------------------- the tiles
 
+// Elements of an operand per k step of a tile: a float, or a pair of bfloat16.
+template <class T>
+constexpr int kPerStep = std::is_same_v<T, float> ? 1 : 2;
+
 // acc[r * NV + v] += sum_k a[r * lda + k] bp[(k * NV + v) * kW ...]: MR rows of A (row-major,
-// lda) times a packed panel of NV vectors per k. The sum runs in k order, whatever the thread.
-template <int MR, int NV>
-[[gnu::always_inline]] inline void Tile(const float* __restrict__ a, long lda, long k_size,
+// lda elements of T) times a packed panel of NV vectors per k step (float32, or pairs of
+// bfloat16 against A's pairs). The sum runs in k order, whatever the thread.
+template <int MR, int NV, class T>
+[[gnu::always_inline]] inline void Tile(const T* __restrict__ a, long lda, long k_size,
                                         const float* __restrict__ bp, vf* __restrict__ acc) {
   vf c[MR][NV];  // in registers
   for (int r = 0; r < MR; ++r)
@@ -195,8 +255,15 @@ template <int MR, int NV>
     vf b[NV];
     for (int v = 0; v < NV; ++v) b[v] = Load(bp + (k * NV + v) * kW);
     for (int r = 0; r < MR; ++r) {
-      const vf av = Splat(a[r * lda + k]);
-      for (int v = 0; v < NV; ++v) c[r][v] += av * b[v];
+      if constexpr (std::is_same_v<T, float>) {
+        const vf av = Splat(a[r * lda + k]);
+        for (int v = 0; v < NV; ++v) c[r][v] += av * b[v];
+      } else {
+        float pair;
+        std::memcpy(&pair, a + r * lda + 2 * k, sizeof(pair));
+        const vf av = Splat(pair);
+        for (int v = 0; v < NV; ++v) c[r][v] = Dot2(c[r][v], av, b[v]);
+      }
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -207,12 +274,13 @@ template <int MR, int NV>
 constexpr int RowsFor(int nv) { return std::min(8, (kRegs - nv - 2) / nv); }
 
 // A panel's product and pointwise for rows [0, rows): prefetch(row) asks for what finish will
-// read of a row, then acc = a (rows x k_size, lda) times the packed panel bp (0 when a is
-// null), and finish(row, acc) uses a row's NV vectors. The product runs in blocks of k whose
-// slice of the panel (16 KB) stays in the L1 cache while every tile of rows passes over it;
-// the prefetches, issued first, arrive while it runs (the rows of a step lie a sequence apart).
-template <int NV, class Prefetch, class Finish>
-void Rows(int rows, const float* a, long lda, long k_size, const float* bp,
+// read of a row, then acc = a (rows x k_size steps of T, lda elements) times the packed panel
+// bp (0 when a is null), and finish(row, acc) uses a row's NV vectors. The product runs in
+// blocks of k whose slice of the panel (16 KB) stays in the L1 cache while every tile of rows
+// passes over it; the prefetches, issued first, arrive while it runs (the rows of a step lie a
+// sequence apart).
+template <int NV, class T, class Prefetch, class Finish>
+void Rows(int rows, const T* a, long lda, long k_size, const float* bp,
           const Prefetch& prefetch, const Finish& finish) {
   constexpr int MR = RowsFor(NV);
   constexpr long kBlock = std::max(32, 16384 / (NV * kW * 4));
@@ -225,12 +293,15 @@ void Rows(int rows, const float* a, long lda, long k_size, const float* bp,
     const long kn = std::min(kBlock, k_size - k0);
     const float* panel = bp + k0 * NV * kW;
     int row = 0;
-    for (; row + MR <= rows; row += MR) Tile<MR, NV>(a + row * lda + k0, lda, kn, panel, acc + row * NV);
+    const T* a0 = a + k0 * kPerStep<T>;
+    for (; row + MR <= rows; row += MR) {
+      Tile<MR, NV>(a0 + row * lda, lda, kn, panel, acc + row * NV);
+    }
     if constexpr (MR > 1) {
       if (row < rows) {  // the rest, as a tile of that many rows
         [&]<int... R>(std::integer_sequence<int, R...>) {
           ((rows - row == R + 1
-                ? (Tile<R + 1, NV>(a + row * lda + k0, lda, kn, panel, acc + row * NV), 0)
+                ? (Tile<R + 1, NV>(a0 + row * lda, lda, kn, panel, acc + row * NV), 0)
                 : 0),
            ...);
         }(std::make_integer_sequence<int, MR - 1>{});
@@ -274,7 +345,7 @@ struct Shape {
 
 // Per-thread scratch, grown when a call needs more and otherwise reused.
 float* Scratch(int use, size_t floats) {
-  thread_local std::vector<float> buffers[4];
+  thread_local std::vector<float> buffers[6];
   if (buffers[use].size() < floats) buffers[use].resize(floats);
   return buffers[use].data();
 }
@@ -284,21 +355,31 @@ float* Scratch(int use, size_t floats) {
 int Parts(const Team& team, long b) { return static_cast<int>(std::min<long>(team.size(), b)); }
 long PartStart(long b, int parts, int part) { return b * part / parts; }
 
-// W_hh[h, G h] -> forward panels [panel][k < hp][gate][unit vector][kW], zero past h.
-template <class C>
+// W_hh[h, G h] -> forward panels [panel][k step < hp / kPerStep][gate][unit vector][kW], zero
+// past h; a lane holds W_hh[k, unit], or (bfloat16) the pair W_hh[2k, unit], W_hh[2k + 1, unit].
+template <class C, class T>
 const float* PackForward(Team& team, const Shape<C>& s, const float* w) {
-  constexpr int NV = C::kGates * C::kUnitVectors;
+  constexpr int NV = C::kGates * C::kUnitVectors, per = kPerStep<T>;
   const long hp = s.hp(), g = s.g();
-  float* packed = Scratch(0, static_cast<size_t>(s.forward_panels()) * hp * NV * kW);
+  const long steps = hp / per;
+  float* packed = Scratch(0, static_cast<size_t>(s.forward_panels()) * steps * NV * kW);
+  auto at = [&](long k, long column) { return k < s.h ? w[k * g + column] : 0.0f; };
   team.Run(s.forward_panels(), [&](int panel) {
-    float* out = packed + static_cast<long>(panel) * hp * NV * kW;
-    for (long k = 0; k < hp; ++k) {
+    float* out = packed + static_cast<long>(panel) * steps * NV * kW;
+    for (long k = 0; k < steps; ++k) {
       for (int gate = 0; gate < C::kGates; ++gate) {
         for (int u = 0; u < C::kUnitVectors; ++u, out += kW) {
           const int uv = panel * C::kUnitVectors + u;
-          const int n = uv < s.unit_vectors() && k < s.h ? s.lanes(uv) : 0;
+          const int n = uv < s.unit_vectors() ? s.lanes(uv) : 0;
+          const long column = gate * s.h + uv * kW;
           std::memset(out, 0, kW * sizeof(float));
-          if (n > 0) std::memcpy(out, w + k * g + gate * s.h + uv * kW, n * sizeof(float));
+          if constexpr (per == 1) {
+            if (n > 0 && k < s.h) std::memcpy(out, w + k * g + column, n * sizeof(float));
+          } else {
+            for (int lane = 0; lane < n; ++lane) {
+              out[lane] = Pair(at(2 * k, column + lane), at(2 * k + 1, column + lane));
+            }
+          }
         }
       }
     }
@@ -306,21 +387,25 @@ const float* PackForward(Team& team, const Shape<C>& s, const float* w) {
   return packed;
 }
 
-// W_hh^T[G h, h] -> backward panels [panel][k < G h][unit vector][kW], zero past h.
-template <class C>
+// W_hh^T[G h, h] -> backward panels [panel][k step < gp / kPerStep][unit vector][kW], zero past
+// h and past G h (gp: G h, rounded up to whole k steps).
+template <class C, class T>
 const float* PackBackward(Team& team, const Shape<C>& s, const float* w) {
-  constexpr int NV = C::kBackVectors;
-  const long g = s.g();
-  float* packed = Scratch(1, static_cast<size_t>(s.backward_panels()) * g * NV * kW);
+  constexpr int NV = C::kBackVectors, per = kPerStep<T>;
+  const long g = s.g(), steps = (g + per - 1) / per;
+  float* packed = Scratch(1, static_cast<size_t>(s.backward_panels()) * steps * NV * kW);
   team.Run(s.backward_panels(), [&](int panel) {
-    float* out = packed + static_cast<long>(panel) * g * NV * kW;
-    std::memset(out, 0, g * NV * kW * sizeof(float));
+    float* out = packed + static_cast<long>(panel) * steps * NV * kW;
+    std::memset(out, 0, steps * NV * kW * sizeof(float));
     for (int v = 0; v < NV; ++v) {
       const int uv = panel * NV + v;
       if (uv >= s.unit_vectors()) continue;
       for (int lane = 0; lane < s.lanes(uv); ++lane) {
         const float* row = w + (static_cast<long>(uv) * kW + lane) * g;
-        for (long k = 0; k < g; ++k) out[(k * NV + v) * kW + lane] = row[k];
+        auto at = [&](long k) { return k < g ? row[k] : 0.0f; };
+        for (long k = 0; k < steps; ++k) {
+          out[(k * NV + v) * kW + lane] = per == 1 ? at(k) : Pair(at(2 * k), at(2 * k + 1));
+        }
       }
     }
   });
@@ -334,11 +419,12 @@ struct ForwardIo {
   float *ys, *h_last, *c_last, *aux;  // aux: null in inference
 };
 
-template <class C>
+template <class C, class T>
 void Forward(Team& team, const Shape<C>& s, const ForwardIo& io) {
   constexpr int NV = C::kGates * C::kUnitVectors;
+  constexpr bool kBf16 = std::is_same_v<T, bf16>;
   const long b = s.b, t_size = s.t, h = s.h, hp = s.hp(), g = s.g();
-  const float* packed = PackForward(team, s, io.w);
+  const float* packed = PackForward<C, T>(team, s, io.w);
   // The carried state, padded to hp units with zeros (which stay zero: their weights are 0).
   float* h_prev = Scratch(2, 2 * b * hp);
   float* h_next = h_prev + b * hp;
@@ -349,14 +435,22 @@ void Forward(Team& team, const Shape<C>& s, const ForwardIo& io) {
     std::memcpy(h_prev + r * hp, io.h0 + r * h, h * sizeof(float));
     if (C::kCell) std::memcpy(c + r * hp, io.c0 + r * h, h * sizeof(float));
   }
+  // bfloat16: the state as the products' operand, beside its float32 self (two, as above).
+  bf16* h16_prev = kBf16 ? reinterpret_cast<bf16*>(Scratch(4, b * hp)) : nullptr;
+  bf16* h16_next = kBf16 ? h16_prev + b * hp : nullptr;
+  if (kBf16) {
+    for (long i = 0; i < b * hp; i += kW) StoreBf16(h16_prev + i, Load(h_prev + i), kW);
+  }
   const int parts = Parts(team, b);
   team.Run(parts, [&](int part) {
     const long r0 = PartStart(b, parts, part), rows = PartStart(b, parts, part + 1) - r0;
     float* mine = h_prev + r0 * hp;  // this part's rows of the state, and of the next one
     float* next = h_next + r0 * hp;
+    bf16* mine16 = kBf16 ? h16_prev + r0 * hp : nullptr;
+    bf16* next16 = kBf16 ? h16_next + r0 * hp : nullptr;
     for (long t = 0; t < t_size; ++t) {
       for (int panel = 0; panel < s.forward_panels(); ++panel) {
-        const float* bp = packed + static_cast<long>(panel) * hp * NV * kW;
+        const float* bp = packed + static_cast<long>(panel) * (hp / kPerStep<T>) * NV * kW;
         auto prefetch = [&](int r) {
           const float* gx = io.gx + ((r0 + r) * t_size + t) * g;
           for (int gate = 0; gate < C::kGates; ++gate) {
@@ -406,12 +500,18 @@ void Forward(Team& team, const Shape<C>& s, const ForwardIo& io) {
               }
             }
             Store(next + at, out);  // padding units stay 0: their gx, weights and state are 0
+            if (kBf16) StoreBf16(next16 + at, out, kW);
             StoreN(io.ys + (row * t_size + t) * h + uv * kW, out, n);
           }
         };
-        Rows<NV>(static_cast<int>(rows), mine, hp, hp, bp, prefetch, finish);
+        if constexpr (kBf16) {
+          Rows<NV>(static_cast<int>(rows), mine16, hp, hp / 2, bp, prefetch, finish);
+        } else {
+          Rows<NV>(static_cast<int>(rows), mine, hp, hp, bp, prefetch, finish);
+        }
       }
       std::swap(mine, next);
+      std::swap(mine16, next16);
     }
     for (long r = 0; r < rows; ++r) {
       std::memcpy(io.h_last + (r0 + r) * h, mine + r * hp, h * sizeof(float));
@@ -430,11 +530,19 @@ struct BackwardIo {
 // Per step, from the last: dh = dy_t + (the next step's gate gradient) W_hh^T (+ the gru's
 // direct path dh_{t+1} z), then the cell's pointwise gives this step's gate gradients. A final
 // product gives d_h0.
-template <class C>
+template <class C, class T>
 void Backward(Team& team, const Shape<C>& s, const BackwardIo& io) {
   constexpr int NV = C::kBackVectors;
+  constexpr bool kBf16 = std::is_same_v<T, bf16>;
   const long b = s.b, t_size = s.t, h = s.h, hp = s.hp(), g = s.g();
-  const float* packed = PackBackward(team, s, io.w);
+  const long k_steps = (g + kPerStep<T> - 1) / kPerStep<T>;
+  const float* packed = PackBackward<C, T>(team, s, io.w);
+  // bfloat16: each step's gate gradients (those that meet W_hh^T) as the next step's operand,
+  // two by the step's parity, rows of gp (G h rounded up to whole pairs; the rest 0).
+  const long gp = 2 * k_steps;
+  bf16* dg16 = kBf16 ? reinterpret_cast<bf16*>(Scratch(4, b * gp)) : nullptr;
+  if (kBf16) std::memset(dg16, 0, 2 * b * gp * sizeof(bf16));
+  auto operand16 = [&](long step) { return dg16 + (step & 1) * b * gp; };
   // dc (lstm) or the direct path dh * z (gru), per padded unit; rnn needs neither.
   float* carried = Scratch(2, b * hp);
   std::memset(carried, 0, b * hp * sizeof(float));
@@ -450,7 +558,7 @@ void Backward(Team& team, const Shape<C>& s, const BackwardIo& io) {
     // The next step's gate gradients, this part's rows (at b * t * g apart).
     const float* a = first ? nullptr : product_source + (r0 * t_size + step + 1) * g;
     for (int panel = 0; panel < s.backward_panels(); ++panel) {
-      const float* bp = packed + static_cast<long>(panel) * g * NV * kW;
+      const float* bp = packed + static_cast<long>(panel) * k_steps * NV * kW;
       auto prefetch = [&](int r) {
         const long row = r0 + r;
         for (int v = 0; v < NV && !last_pass; ++v) {
@@ -478,6 +586,11 @@ void Backward(Team& team, const Shape<C>& s, const BackwardIo& io) {
           const vf dh = acc[v];
           const long at = row * hp + uv * kW;
           float* dg = io.d_gx + (row * t_size + step) * g + uv * kW;
+          auto operand = [&](int gate, vf value) {  // bfloat16: for the next step's product
+            if constexpr (kBf16) {
+              StoreBf16(operand16(step) + row * gp + gate * h + uv * kW, value, n);
+            }
+          };
           if constexpr (C::kGates == 4) {  // lstm
             const float* aux = io.aux + ((step * b + row) * hp + uv * kW) * C::kAux;
             const vf i = Load(aux), f = Load(aux + kW), gg = Load(aux + 2 * kW),
@@ -488,10 +601,12 @@ void Backward(Team& team, const Shape<C>& s, const BackwardIo& io) {
             const vf tc = Tanh(cn);
             const vf dc = Load(carried + at) + dh * o * (Splat(1.0f) - tc * tc);
             const vf one = Splat(1.0f);
-            StoreN(dg, dc * gg * i * (one - i), n);
-            StoreN(dg + h, dc * cp * f * (one - f), n);
-            StoreN(dg + 2 * h, dc * i * (one - gg * gg), n);
-            StoreN(dg + 3 * h, dh * tc * o * (one - o), n);
+            const vf d[4] = {dc * gg * i * (one - i), dc * cp * f * (one - f),
+                             dc * i * (one - gg * gg), dh * tc * o * (one - o)};
+            for (int gate = 0; gate < 4; ++gate) {
+              StoreN(dg + gate * h, d[gate], n);
+              operand(gate, d[gate]);
+            }
             Store(carried + at, dc * f);
           } else if constexpr (C::kGates == 3) {  // gru
             const float* aux = io.aux + ((step * b + row) * hp + uv * kW) * C::kAux;
@@ -505,6 +620,7 @@ void Backward(Team& team, const Shape<C>& s, const BackwardIo& io) {
             float* dgh = io.d_gh + (row * t_size + step) * g + uv * kW;
             StoreN(dg, dpr, n), StoreN(dg + h, dpz, n), StoreN(dg + 2 * h, dpn, n);
             StoreN(dgh, dpr, n), StoreN(dgh + h, dpz, n), StoreN(dgh + 2 * h, dpn * r, n);
+            operand(0, dpr), operand(1, dpz), operand(2, dpn * r);
             Store(carried + at, dh * z);
           } else {  // rnn: the output is the state
             const vf y = LoadN(io.ys + (row * t_size + step) * h + uv * kW, n);
@@ -515,10 +631,16 @@ void Backward(Team& team, const Shape<C>& s, const BackwardIo& io) {
               dpre = dh * (Splat(1.0f) - y * y);
             }
             StoreN(dg, dpre, n);
+            operand(0, dpre);
           }
         }
       };
-      Rows<NV>(static_cast<int>(rows), a, t_size * g, g, bp, prefetch, finish);
+      if constexpr (kBf16) {
+        const bf16* a16 = first ? nullptr : operand16(step + 1) + r0 * gp;
+        Rows<NV>(static_cast<int>(rows), a16, gp, k_steps, bp, prefetch, finish);
+      } else {
+        Rows<NV>(static_cast<int>(rows), a, t_size * g, g, bp, prefetch, finish);
+      }
     }
   }
   });
@@ -539,8 +661,8 @@ Shape<C> ShapeOf(const ffi::AnyBuffer& seq, const ffi::AnyBuffer& h0) {
   return Shape<C>{sd[0], sd[1], h0.dimensions()[1]};
 }
 
-// Forward: args gx, w_hh, [b_hn], h0, [c0]; rets ys, hT, [cT], [aux].
-template <class C, bool kTrain>
+// Forward: args gx, w_hh, [b_hn], h0, [c0]; rets ys, hT, [cT], [aux]. T: the products' operands.
+template <class C, bool kTrain, class T>
 ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets) {
   auto arg = [&](size_t i) { return args.get<ffi::AnyBuffer>(i).value(); };
   auto ret = [&](size_t i) { return Ptr(*rets.get<ffi::AnyBuffer>(i).value()); };
@@ -550,12 +672,12 @@ ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Re
                c ? Ptr(arg(3 + gru)) : nullptr, ret(0), ret(1), c ? ret(2) : nullptr,
                kTrain && C::kAux ? ret(2 + c) : nullptr};
   Team team(pool);
-  if (s.t > 0) Forward(team, s, io);
+  if (s.t > 0) Forward<C, T>(team, s, io);
   return ffi::Error::Success();
 }
 
 // Backward: args w_hh, h0, [c0], ys, aux, d_ys, d_hT, [d_cT]; rets d_gx, [d_gh], d_h0, [d_c0].
-template <class C>
+template <class C, class T>
 ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::RemainingArgs args,
                            ffi::RemainingRets rets) {
   auto arg = [&](size_t i) { return args.get<ffi::AnyBuffer>(i).value(); };
@@ -567,19 +689,23 @@ ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::RemainingArgs args,
                 Ptr(arg(5 + c)), c ? Ptr(arg(6 + c)) : nullptr,
                 ret(0),          gru ? ret(1) : nullptr, ret(1 + gru), c ? ret(2 + gru) : nullptr};
   Team team(pool);
-  if (s.t > 0) Backward(team, s, io);
+  if (s.t > 0) Backward<C, T>(team, s, io);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 #define JAXRNN_BINDING ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().RemainingArgs().RemainingRets()
-#define JAXRNN_CORE(cell, type)                                                                  \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_infer, (ForwardHandler<type, false>),        \
-                                JAXRNN_BINDING);                                                 \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_train, (ForwardHandler<type, true>),         \
-                                JAXRNN_BINDING);                                                 \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_grad, BackwardHandler<type>, JAXRNN_BINDING)
+#define JAXRNN_PASSES(cell, type, T, suffix)                                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_infer##suffix,                              \
+                                (ForwardHandler<type, false, T>), JAXRNN_BINDING);               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_train##suffix,                              \
+                                (ForwardHandler<type, true, T>), JAXRNN_BINDING);                \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxrnn_core_##cell##_grad##suffix, (BackwardHandler<type, T>),   \
+                                JAXRNN_BINDING)
+#define JAXRNN_CORE(cell, type)   \
+  JAXRNN_PASSES(cell, type, float, ); \
+  JAXRNN_PASSES(cell, type, bf16, _bf16)
 
 JAXRNN_CORE(lstm, Lstm);
 JAXRNN_CORE(gru, Gru);
