@@ -2,7 +2,8 @@
 
 `jaxrnn/kernels/rnn_core.cc` (jaxrnn's own recurrence core) needs only a C++20 compiler and
 the XLA FFI headers that ship with jaxlib (`jax.ffi.include_dir()`), a build requirement; it
-is built twice, for AVX-512 and for AVX2 + FMA, and jaxrnn loads the one its CPU runs.
+is built three times, for AVX-512 with AVX512-BF16, for AVX-512 and for AVX2 + FMA, and
+jaxrnn loads the fastest its CPU runs.
 `jaxrnn/kernels/onednn_rnn.cc` also needs oneDNN's headers from Intel's onednn-devel-cpu-gomp
 wheel, another build requirement; it is not linked against libdnnl: `jaxrnn/kernels/__init__.py`
 loads libdnnl.so.3 from the onednn-cpu-gomp wheel at run time. Where anything is missing (no

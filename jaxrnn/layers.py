@@ -35,8 +35,9 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
     raise UserError(f"model.impl={impl} runs the cells {', '.join(kernels.FAMILIES[impl])}, "
                     f"not {cell.name!r}; {instead}")
   if cell.dtype not in kernels.DTYPES[impl]:
-    raise UserError(f"model.impl={impl} runs float32 only: set model.compute_dtype=float32 or "
-                    f"{instead}")
+    dtypes = " or ".join(jnp.dtype(d).name for d in kernels.DTYPES[impl])
+    raise UserError(f"model.impl={impl} runs {dtypes} only: set model.compute_dtype="
+                    f"{jnp.dtype(kernels.DTYPES[impl][0]).name} or {instead}")
   if impl == "cudnn" and (platform or jax.default_backend()) != "gpu":
     raise UserError(f"model.impl=cudnn needs a GPU (this platform: "
                     f"{platform or jax.default_backend()}); {instead}")
@@ -49,7 +50,8 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
 #   platform  cell                              float32, hidden, more than 1 step   impl
 #   cpu       lstm, gru                         hidden >= 64                       onednn/core
 #   cpu       rnn                               hidden >= 64                       core
-#   cpu       lstm, gru, rnn with bfloat16 operands (compute_dtype), hidden >= 64     core
+#   cpu       lstm, gru, rnn (compute_dtype        hidden >= 64                       core
+#             bfloat16: the one kernel for it)
 #             (a kernel not built here: the next one of the list, else the XLA path below)
 #   cpu       rnn, lnlstm, mlstm                otherwise                          fused
 #   cpu       every other cell, size or one step at a time                        scan
@@ -100,6 +102,7 @@ def resolve(cell: Cell, impl: str, hidden_size: int, steps: int,
     return impl
   float32 = cell.dtype == jnp.float32
   if platform == "cpu":
+    # The core's fixed cost per call, like oneDNN's, outweighs its gain below ONEDNN_MIN_HIDDEN.
     if not float32 and steps > 1 and hidden_size >= ONEDNN_MIN_HIDDEN:
       if core := _fastest_here(cell, CPU_BFLOAT16):  # the one kernel with bfloat16 operands
         return core

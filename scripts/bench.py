@@ -162,6 +162,7 @@ def _torch(cell: str, hidden: int, data: Data) -> Fns:
 
   def forward(tokens, state=None):
     # --compute_dtype=bfloat16: PyTorch's own mixed precision (autocast), float32 parameters.
+    # Its CPU autocast covers nn.LSTM, nn.RNN and nn.Linear, not nn.GRU (it stays float32).
     with torch.autocast(dev.type, dtype=torch.bfloat16,
                         enabled=FLAGS.compute_dtype == "bfloat16"):
       ys, state = rnn(embed(tokens), state)
@@ -211,8 +212,9 @@ def _flax(cell: str, hidden: int, data: Data) -> Fns:
         new.append(c)
       return new, nn.Dense(FLAGS.vocab)(xs)
 
-  zeros = lambda rows: [cell_cls(hidden, parent=None).initialize_carry(
-      jax.random.key(0), (rows, 1))] * FLAGS.layers
+  zeros = lambda rows: [jax.tree.map(  # in the cells' dtype, which their new carries take
+      lambda z: z.astype(FLAGS.compute_dtype), cell_cls(hidden, parent=None).initialize_carry(
+          jax.random.key(0), (rows, 1)))] * FLAGS.layers
   lm, tx = LM(), optim.make_optimizer(_config(cell, None, hidden).train)
   x, y, ex, _ = map(jnp.asarray, (*data["train"], *data["eval"]))
   train_zeros, carry = zeros(x.shape[0]), [zeros(ex.shape[0])]

@@ -2,9 +2,10 @@
 on a GPU.
 
 A kernel runs one layer of a standard cell over all time steps in one call, with the carried
-state in and out: `LAYERS[impl](family, params, carry, xs<float>[b, t, d]) -> (carry,
-ys<float>[b, t, h])`, batch-major, float32, differentiable. `family` is a cell's `kernel` field
-("lstm", "gru", "rnn_tanh", "rnn_relu"), which promises PyTorch's equations and jaxrnn's
+state in and out: `LAYERS[impl](family, params, carry, xs<float>[b, t, d], dtype) -> (carry,
+ys<float>[b, t, h])`, batch-major, differentiable, its products with `dtype` operands
+(`DTYPES[impl]`: float32, and bfloat16 in the core) and float32 sums. `family` is a cell's
+`kernel` field ("lstm", "gru", "rnn_tanh", "rnn_relu"), which promises PyTorch's equations and jaxrnn's
 parameter names (`w_ih`, `w_hh`, `b`, and the GRU's `b_hn`); here they are arranged into each
 kernel's layout.
 
@@ -12,7 +13,8 @@ kernel's layout.
           rnn         a layer (per step the product with W_hh and the cell's pointwise) in C++,
                       with everything time-parallel (x W_ih + b; dW_ih, dW_hh, db, dx) as single
                       large products in XLA, under one custom VJP. Built by `pip install` where
-                      a C++20 compiler is at hand (x86-64 with AVX-512 or AVX2).
+                      a C++20 compiler is at hand (x86-64 with AVX-512 or AVX2; a third build
+                      takes bfloat16 products with AVX512-BF16's dot product).
   onednn  lstm, gru   onednn_rnn.cc (beside this file) through `jax.ffi`: oneDNN's vanilla_lstm
                       and lbr_gru primitives (forward_inference when not differentiated;
                       forward_training plus backward under a custom VJP). Built by `pip install`
@@ -178,14 +180,21 @@ def _load_core() -> tuple[ctypes.CDLL | None, str]:
   extension = built[0]
   try:
     lib = ctypes.CDLL(str(extension))
+    handlers = [getattr(lib, f"jaxrnn_core_{family}_{p}{suffix}") for family in FAMILIES["core"]
+                for p in _PASSES for suffix in _SUFFIX.values()]
   except OSError as e:
     return None, f"loading jaxrnn's core failed: {e}"
-  for family in FAMILIES["core"]:
-    for p in _PASSES:
-      for suffix in _SUFFIX.values():
-        name = f"jaxrnn_core_{family}_{p}{suffix}"
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+  except AttributeError as e:  # built from an older rnn_core.cc
+    return None, f"jaxrnn's core is out of date ({e}): rebuild it with `pip install -e .`"
+  for handler in handlers:
+    jax.ffi.register_ffi_target(handler.__name__, jax.ffi.pycapsule(handler), platform="cpu")
   return lib, ""
+
+
+def _check_dtype(impl: str, dtype: Any) -> None:
+  if jnp.dtype(dtype) not in DTYPES[impl]:
+    raise ValueError(f"the {impl} kernel takes {', '.join(jnp.dtype(d).name for d in DTYPES[impl])}"
+                     f" operands, not {jnp.dtype(dtype).name}")
 
 
 def unavailable(impl: str) -> str:
@@ -292,8 +301,8 @@ _onednn.defvjp(_onednn_fwd, _onednn_bwd)
 def onednn_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
                  dtype: Any = jnp.float32) -> tuple[Carry, jax.Array]:
   """A `family` layer over xs<float32>[b, t, d] in oneDNN -> (carry, ys<float32>[b, t, h]).
-  float32 only (`DTYPES`; layers.check says so to the user)."""
-  del dtype
+  float32 only (`DTYPES`)."""
+  _check_dtype("onednn", dtype)
   if why := unavailable("onednn"):
     raise RuntimeError(f"model.impl=onednn cannot run: {why}")
   return _onednn(family, _onednn_weights(family, params), carry, xs)
@@ -317,7 +326,8 @@ def cudnn_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
   """An LSTM layer over xs<float32>[b, t, d] in cuDNN -> (carry, ys<float32>[b, t, h]).
   float32 only (`DTYPES`)."""
   from jax.experimental import rnn  # imported here: it registers GPU lowerings on first use
-  del family, dtype  # "lstm", the one cuDNN binding JAX has
+  _check_dtype("cudnn", dtype)
+  del family  # "lstm", the one cuDNN binding JAX has
   h, c = carry
   b, t, d = xs.shape
   ys, h_n, c_n = rnn.lstm(xs, h[None], c[None], cudnn_weights(params),
@@ -399,6 +409,7 @@ def core_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
   its products with `dtype` operands (float32 or bfloat16) and float32 sums."""
   if why := unavailable("core"):
     raise RuntimeError(f"model.impl=core cannot run: {why}")
+  _check_dtype("core", dtype)
   return _core(family, jnp.dtype(dtype), params, carry, xs)
 
 
@@ -410,7 +421,7 @@ def per_pass(infer: str, train: str) -> Layer:
   """A layer that runs kernel `infer` where it is not differentiated (evaluation, a sampling
   prefix) and kernel `train` where it is: its VJP is `train`'s. The two agree to 1e-5."""
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-  def layer(family, params, carry, xs, dtype):
+  def layer(family, params, carry, xs, dtype=jnp.float32):
     return LAYERS[infer](family, params, carry, xs, dtype)
 
   def layer_fwd(family, params, carry, xs, dtype):

@@ -134,7 +134,7 @@ inline vf Tanh(vf x) {
 typedef uint16_t bf16;
 typedef uint32_t vu __attribute__((vector_size(kW * 4)));
 typedef uint16_t vh __attribute__((vector_size(kW * 2)));
-typedef uint16_t vhu __attribute__((vector_size(kW * 2), aligned(2)));
+typedef uint16_t vhu __attribute__((vector_size(kW * 2), aligned(2), may_alias));
 
 // c + a_odd b_odd + a_even b_even, lane by lane (a, b: pairs of bfloat16).
 inline vf Dot2(vf c, vf a, vf b) {
@@ -435,10 +435,11 @@ void Forward(Team& team, const Shape<C>& s, const ForwardIo& io) {
     std::memcpy(h_prev + r * hp, io.h0 + r * h, h * sizeof(float));
     if (C::kCell) std::memcpy(c + r * hp, io.c0 + r * h, h * sizeof(float));
   }
-  // bfloat16: the state as the products' operand, beside its float32 self (two, as above).
+  // bfloat16: the state as the products' operand, beside its float32 self (this step's and the
+  // next one's, as h_prev and h_next).
   bf16* h16_prev = kBf16 ? reinterpret_cast<bf16*>(Scratch(4, b * hp)) : nullptr;
   bf16* h16_next = kBf16 ? h16_prev + b * hp : nullptr;
-  if (kBf16) {
+  if constexpr (kBf16) {
     for (long i = 0; i < b * hp; i += kW) StoreBf16(h16_prev + i, Load(h_prev + i), kW);
   }
   const int parts = Parts(team, b);
@@ -500,7 +501,7 @@ void Forward(Team& team, const Shape<C>& s, const ForwardIo& io) {
               }
             }
             Store(next + at, out);  // padding units stay 0: their gx, weights and state are 0
-            if (kBf16) StoreBf16(next16 + at, out, kW);
+            if constexpr (kBf16) StoreBf16(next16 + at, out, kW);
             StoreN(io.ys + (row * t_size + t) * h + uv * kW, out, n);
           }
         };
@@ -541,7 +542,7 @@ void Backward(Team& team, const Shape<C>& s, const BackwardIo& io) {
   // two by the step's parity, rows of gp (G h rounded up to whole pairs; the rest 0).
   const long gp = 2 * k_steps;
   bf16* dg16 = kBf16 ? reinterpret_cast<bf16*>(Scratch(4, b * gp)) : nullptr;
-  if (kBf16) std::memset(dg16, 0, 2 * b * gp * sizeof(bf16));
+  if constexpr (kBf16) std::memset(dg16, 0, 2 * b * gp * sizeof(bf16));
   auto operand16 = [&](long step) { return dg16 + (step & 1) * b * gp; };
   // dc (lstm) or the direct path dh * z (gru), per padded unit; rnn needs neither.
   float* carried = Scratch(2, b * hp);
@@ -555,8 +556,6 @@ void Backward(Team& team, const Shape<C>& s, const BackwardIo& io) {
   const long r0 = PartStart(b, parts, part), rows = PartStart(b, parts, part + 1) - r0;
   for (long step = t_size - 1; step >= -1; --step) {  // step -1: the pass that gives d_h0
     const bool first = step == t_size - 1, last_pass = step == -1;
-    // The next step's gate gradients, this part's rows (at b * t * g apart).
-    const float* a = first ? nullptr : product_source + (r0 * t_size + step + 1) * g;
     for (int panel = 0; panel < s.backward_panels(); ++panel) {
       const float* bp = packed + static_cast<long>(panel) * k_steps * NV * kW;
       auto prefetch = [&](int r) {
@@ -636,9 +635,10 @@ void Backward(Team& team, const Shape<C>& s, const BackwardIo& io) {
         }
       };
       if constexpr (kBf16) {
-        const bf16* a16 = first ? nullptr : operand16(step + 1) + r0 * gp;
+        const bf16* a16 = first ? nullptr : operand16(step + 1) + r0 * gp;  // their copies
         Rows<NV>(static_cast<int>(rows), a16, gp, k_steps, bp, prefetch, finish);
-      } else {
+      } else {  // the next step's gate gradients, this part's rows (at t * g apart)
+        const float* a = first ? nullptr : product_source + (r0 * t_size + step + 1) * g;
         Rows<NV>(static_cast<int>(rows), a, t_size * g, g, bp, prefetch, finish);
       }
     }
