@@ -5,9 +5,9 @@ A kernel runs one layer of a standard cell over all time steps in one call, with
 state in and out: `LAYERS[impl](family, params, carry, xs<float>[b, t, d], dtype) -> (carry,
 ys<float>[b, t, h])`, batch-major, differentiable, its products with `dtype` operands
 (`DTYPES[impl]`: float32, and bfloat16 in the core) and float32 sums. `family` is a cell's
-`kernel` field ("lstm", "gru", "rnn_tanh", "rnn_relu"), which promises PyTorch's equations and jaxrnn's
-parameter names (`w_ih`, `w_hh`, `b`, and the GRU's `b_hn`); here they are arranged into each
-kernel's layout.
+`kernel` field ("lstm", "gru", "rnn_tanh", "rnn_relu"), which promises PyTorch's equations and
+jaxrnn's parameter names (`w_ih`, `w_hh`, `b`, and the GRU's `b_hn`); here they are arranged
+into each kernel's layout.
 
   core    lstm, gru,  rnn_core.cc (beside this file) through `jax.ffi`: the sequential part of
           rnn         a layer (per step the product with W_hh and the cell's pointwise) in C++,
