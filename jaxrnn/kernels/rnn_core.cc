@@ -345,7 +345,7 @@ struct Shape {
 
 // Per-thread scratch, grown when a call needs more and otherwise reused.
 float* Scratch(int use, size_t floats) {
-  thread_local std::vector<float> buffers[6];
+  thread_local std::vector<float> buffers[5];
   if (buffers[use].size() < floats) buffers[use].resize(floats);
   return buffers[use].data();
 }
