@@ -1,12 +1,15 @@
 """Tests for jaxrnn.config: every bad field is named before anything is built; saved configs
 are merged onto today's defaults."""
 
+import importlib
 import inspect
+import pathlib
 
+import jax
 import pytest
 
 from configs import default
-from jaxrnn import UserError, cells, config as config_lib, optim, train
+from jaxrnn import UserError, cells, config as config_lib, model, optim, train
 
 
 @pytest.mark.parametrize("sections, message", [
@@ -108,12 +111,27 @@ def test_unknown_field_is_named(tiny_config):
 
 
 def test_the_shipped_configs_are_valid():
-  """Every config in configs/ passes validation as written."""
-  from configs import (classify_rt, gru, lstm, ptb_awd, ptb_large, ptb_medium, ptb_small, rnn,
-                       shakespeare_cpu, shakespeare_gpu)
-  for module in (default, classify_rt, gru, lstm, ptb_awd, ptb_large, ptb_medium, ptb_small, rnn,
-                 shakespeare_cpu, shakespeare_gpu):
-    config_lib.validate(module.get_config())
+  """Every config in configs/ passes validation as written (families.py: each row, both sizes)."""
+  names = sorted(p.stem for p in pathlib.Path(default.__file__).parent.glob("*.py"))
+  for name in names:
+    if name in ("__init__", "families"):
+      continue
+    config_lib.validate(importlib.import_module(f"configs.{name}").get_config())
+  from configs import families
+  for row in families.ROWS:
+    for size in ("1m", "5m"):
+      config_lib.validate(families.get_config(f"{row}:{size}"))
+
+
+@pytest.mark.parametrize("size, target", [("1m", 1e6), ("5m", 5e6)])
+def test_the_family_rows_have_the_size_they_claim(size, target):
+  """configs/families.py's rows hold their size's parameter count to 12% (Tiny Shakespeare's
+  66 symbols)."""
+  from configs import families
+  for row in families.ROWS:
+    config = families.get_config(f"{row}:{size}")
+    shapes = jax.eval_shape(lambda k: model.init(k, config.model, 66), jax.random.key(0))
+    assert abs(model.num_params(shapes) / target - 1) < 0.12, (row, model.num_params(shapes))
 
 
 def test_every_choice_builds():
