@@ -67,8 +67,10 @@ def main(argv: list[str]) -> None:
   for label, rows in runs.items():
     for row_axes, split, key in ((axes[0], "val", val_key), (axes[1], "train", "loss")):
       picked = [r for r in rows if r["split"] == split and isinstance(r.get(key), (int, float))]
+      marker = "o" if len(picked) == 1 else None  # a run validated once: a point, not a line
       for ax, x in zip(row_axes, ("step", "elapsed_s")):
-        ax.plot([r.get(x, 0.0) for r in picked], [r[key] for r in picked], label=label)
+        ax.plot([r.get(x, 0.0) for r in picked], [r[key] for r in picked], label=label,
+                marker=marker)
   for row_axes, name in zip(axes, (val_label, "training loss (nats)")):
     row_axes[0].set_ylabel(name)
     row_axes[0].set_xlabel("step")
