@@ -9,7 +9,7 @@ import os
 import pathlib
 import sys
 import traceback
-from typing import Callable, NoReturn
+from typing import Callable, Mapping, NoReturn
 
 from absl import app, flags
 
@@ -104,6 +104,50 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# The same two settings as glibc tunables, and transparent huge pages for what malloc maps
+# (glibc >= 2.35; an older glibc ignores the name).
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:"
+                   "glibc.malloc.trim_threshold=2147483647")
+_THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _thp_mode() -> str | None:
+  """The kernel's transparent huge page mode ("always", "madvise", "never"), None off Linux."""
+  try:
+    return _THP_MODE.read_text().split("[", 1)[1].split("]", 1)[0]
+  except (OSError, IndexError):
+    return None
+
+
+def huge_page_env(environ: Mapping[str, str], thp_mode: str | None = None) -> dict[str, str] | None:
+  """`environ` with GLIBC_TUNABLES=MALLOC_TUNABLES, where a process started with it gets huge
+  pages (glibc, and the kernel's mode `thp_mode`, default this host's, "madvise" or "always");
+  None where it would change nothing, where the user tunes malloc (GLIBC_TUNABLES, MALLOC_*
+  variables) or sets JAXRNN_HUGE_PAGES=0."""
+  if (environ.get("JAXRNN_HUGE_PAGES") == "0"
+      or any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in environ)
+      or (thp_mode or _thp_mode()) not in ("always", "madvise")
+      or getattr(ctypes.CDLL(None), "gnu_get_libc_version", None) is None):
+    return None
+  return {**environ, "GLIBC_TUNABLES": MALLOC_TUNABLES}
+
+
+def restart_with_huge_pages() -> None:
+  """Runs this script again in its own process (`os.execve`: the same pid, arguments and
+  streams) under `huge_page_env`, where that changes anything; returns where it does not.
+
+  XLA's CPU runtime takes each step's large buffers straight from the kernel (past a thread's
+  64 MB malloc heap), so on 4 KB pages every step faults them in again: 60,000 faults per LSTM
+  training step at 2 x 384, batch 64 x 128, and evaluation 5-40% slower (docs/speed.md). glibc
+  reads its tunables only at process start, hence the restart; a script calls this first,
+  before jax is imported, so that the restart costs only Python's start.
+  """
+  env = huge_page_env(os.environ)
+  if env is None or not sys.executable:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def keep_freed_memory() -> bool:
@@ -115,9 +159,10 @@ def keep_freed_memory() -> bool:
   bench defaults (50-57 MB), 10-15% of the step on the 2-core EPYC (docs/speed.md). Without
   mapped blocks or trimming, a process keeps its peak footprint, as a caching allocator does.
   Blocks that outgrow a thread's 64 MB heap are still mapped afresh (2 x 384 at batch 64 x 128:
-  no gain); one arena for all threads would keep those too, but oneDNN's GEMM threads allocate
-  on every call and then queue on its lock (GRU evaluation 1.7x slower). Does nothing without
-  glibc, or where the user tunes malloc (GLIBC_TUNABLES, MALLOC_* variables).
+  no gain): `restart_with_huge_pages` puts those on huge pages. One arena for all threads would
+  keep them, but oneDNN's GEMM threads allocate on every call and then queue on its lock (GRU
+  evaluation 1.7x slower). Does nothing without glibc, or where malloc is tuned already
+  (GLIBC_TUNABLES, as `restart_with_huge_pages` sets it, or MALLOC_* variables).
   """
   if any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in os.environ):
     return False

@@ -288,8 +288,10 @@ class _Process:
 
   def __init__(self, row: str):
     self.row = row
+    # jaxrnn's rows on huge pages, as its scripts run; the peers as their users run them.
+    env = cli.huge_page_env(os.environ) if row.startswith("jaxrnn") else None
     self.proc = subprocess.Popen([sys.executable, __file__, f"--serve={row}", *sys.argv[1:]],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
   def call(self, kind: str, arg: str) -> Any:
     self.proc.stdin.write(json.dumps([kind, arg]) + "\n")

@@ -8,9 +8,13 @@ bpc and tokens; a classifier accuracy and examples; both their loss.
 """
 
 
-from absl import flags, logging
+from jaxrnn import cli
 
-from jaxrnn import checkpoint, cli, config as config_lib, metrics, tasks
+cli.restart_with_huge_pages()  # first: glibc reads its malloc tunables when a process starts
+
+from absl import flags, logging  # noqa: E402  (after the restart: jax loads once)
+
+from jaxrnn import checkpoint, config as config_lib, metrics, tasks  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "val", ["train", "val", "test"], "Split to evaluate.")

@@ -10,9 +10,13 @@ again on the same workdir to resume from its latest checkpoint; SIGTERM or Ctrl-
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from jaxrnn import cli
 
-from jaxrnn import cli, metrics, parallel, train
+cli.restart_with_huge_pages()  # first: glibc reads its malloc tunables when a process starts
+
+from absl import app, flags, logging  # noqa: E402  (after the restart: jax loads once)
+
+from jaxrnn import metrics, parallel, train  # noqa: E402
 
 _DEFAULT = str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "default.py")
 _CONFIG = cli.define_config(_DEFAULT)

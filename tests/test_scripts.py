@@ -336,3 +336,52 @@ def test_scripts_keep_freed_memory_so_a_training_step_touches_no_new_pages():
                          "print(cli.keep_freed_memory())"], capture_output=True, text=True,
                         cwd=REPO, timeout=60, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
   assert proc.stdout.strip() == "False", proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux) only")
+def test_huge_page_env_sets_the_tunables_only_where_they_change_something():
+  """GLIBC_TUNABLES=MALLOC_TUNABLES (huge pages, and keep_freed_memory's two settings) where
+  the kernel gives huge pages on request; never over the user's own malloc tuning or opt-out."""
+  from jaxrnn import cli
+  for mode in ("always", "madvise"):
+    assert cli.huge_page_env({"PATH": "/bin"}, mode) == {"PATH": "/bin",
+                                                         "GLIBC_TUNABLES": cli.MALLOC_TUNABLES}
+  assert cli.huge_page_env({}, "never") is None
+  for users in ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, {"MALLOC_ARENA_MAX": "2"},
+                {"JAXRNN_HUGE_PAGES": "0"}):
+    assert cli.huge_page_env(users, "madvise") is None, users
+  tunables = dict(t.split("=") for t in cli.MALLOC_TUNABLES.split(":"))
+  assert tunables == {"glibc.malloc.hugetlb": "1", "glibc.malloc.mmap_max": "0",
+                      "glibc.malloc.trim_threshold": "2147483647"}
+
+
+_RESTART = """
+import os, sys
+print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
+from jaxrnn import cli
+cli.restart_with_huge_pages()
+print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], "jax" in sys.modules)
+"""
+
+
+def test_a_script_restarts_itself_once_under_huge_page_env(tmp_path):
+  """restart_with_huge_pages: where this host gives huge pages, the process runs again once (the
+  same pid and arguments) with the tunables set, before jax is imported; elsewhere it goes on."""
+  from jaxrnn import cli
+  script = tmp_path / "restart.py"
+  script.write_text(_RESTART)
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXRNN_HUGE_PAGES")
+         and not k.startswith("MALLOC_")}
+  proc = subprocess.run([sys.executable, str(script), "--flag=1"], capture_output=True,
+                        text=True, cwd=REPO, timeout=60, env=env)
+  assert proc.returncode == 0, proc.stderr
+  lines = [line.split(" ", 3) for line in proc.stdout.splitlines()]
+  pid = lines[0][1]
+  if cli.huge_page_env(env) is not None:  # this host: its kernel and glibc give huge pages
+    assert [line[0] for line in lines] == ["start", "start", "after"], proc.stdout
+    assert lines[0][2] == "None" and lines[1][1] == pid == lines[2][1], proc.stdout
+    assert lines[1][2] == lines[2][2] == cli.MALLOC_TUNABLES, proc.stdout
+  else:
+    assert [line[0] for line in lines] == ["start", "after"], proc.stdout
+    assert lines[1][1] == pid and lines[1][2] == "None", proc.stdout
+  assert lines[-1][3] == "['--flag=1'] False", proc.stdout
