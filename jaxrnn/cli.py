@@ -119,22 +119,34 @@ def _thp_mode() -> str | None:
     return None
 
 
+def _glibc_version() -> tuple[int, ...] | None:
+  """glibc's version, None without glibc (musl, macOS, Windows)."""
+  try:
+    version = ctypes.CDLL(None).gnu_get_libc_version
+  except (AttributeError, OSError, TypeError):
+    return None
+  version.restype = ctypes.c_char_p
+  return tuple(int(part) for part in version().decode().split(".")[:2])
+
+
 def huge_page_env(environ: Mapping[str, str], thp_mode: str | None = None) -> dict[str, str] | None:
-  """`environ` with GLIBC_TUNABLES=MALLOC_TUNABLES, where a process started with it gets huge
-  pages (glibc, and the kernel's mode `thp_mode`, default this host's, "madvise" or "always");
-  None where it would change nothing, where the user tunes malloc (GLIBC_TUNABLES, MALLOC_*
-  variables) or sets JAXRNN_HUGE_PAGES=0."""
-  if (environ.get("JAXRNN_HUGE_PAGES") == "0"
+  """`environ` with GLIBC_TUNABLES=MALLOC_TUNABLES (and JAXRNN_HUGE_PAGES=done), where a process
+  started with it gets huge pages: glibc 2.35 or later, and the kernel's transparent huge pages
+  (`thp_mode`, default this host's) "madvise" or "always". None otherwise, where the user tunes
+  malloc (GLIBC_TUNABLES, MALLOC_* variables), or where JAXRNN_HUGE_PAGES is set (0: off)."""
+  if ("JAXRNN_HUGE_PAGES" in environ
       or any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in environ)
       or (thp_mode or _thp_mode()) not in ("always", "madvise")
-      or getattr(ctypes.CDLL(None), "gnu_get_libc_version", None) is None):
+      or (_glibc_version() or (0,)) < (2, 35)):
     return None
-  return {**environ, "GLIBC_TUNABLES": MALLOC_TUNABLES}
+  return {**environ, "GLIBC_TUNABLES": MALLOC_TUNABLES, "JAXRNN_HUGE_PAGES": "done"}
 
 
-def restart_with_huge_pages() -> None:
-  """Runs this script again in its own process (`os.execve`: the same pid, arguments and
-  streams) under `huge_page_env`, where that changes anything; returns where it does not.
+def restart_with_huge_pages(script: str) -> None:
+  """Runs `script` (the caller's __file__) again in its own process (`os.execve`: the same pid,
+  interpreter options, arguments and streams) under `huge_page_env`, where that changes
+  anything, once; returns where it does not, and where `script` is not the program Python was
+  started with (run by a debugger, IPython or another program's runpy, from stdin, or by -m).
 
   XLA's CPU runtime takes each step's large buffers straight from the kernel (past a thread's
   64 MB malloc heap), so on 4 KB pages every step faults them in again: 60,000 faults per LSTM
@@ -143,11 +155,16 @@ def restart_with_huge_pages() -> None:
   before jax is imported, so that the restart costs only Python's start.
   """
   env = huge_page_env(os.environ)
-  if env is None or not sys.executable:
+  started = sys.orig_argv[1:]
+  options = started[:len(started) - len(sys.argv)]  # the interpreter's own, before the script
+  if (env is None or not sys.executable or started[len(options):] != sys.argv
+      or "-m" in options or "-c" in options or not os.path.isfile(sys.argv[0])
+      or not os.path.samefile(sys.argv[0], script)):
     return
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  for stream in (sys.stdout, sys.stderr):
+    if stream is not None:  # None: the stream was closed when the process started
+      stream.flush()
+  os.execve(sys.executable, [sys.executable, *started], env)
 
 
 def keep_freed_memory() -> bool:

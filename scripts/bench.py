@@ -466,8 +466,10 @@ def main(argv: list[str]) -> None:
   specs = {spec: _cell_spec(spec) for spec in _split(FLAGS.cells)}
   auto = {spec: layers.resolve(cells.get(cell, compute_dtype=FLAGS.compute_dtype), "auto",
                                hidden, FLAGS.seq) for spec, (cell, hidden) in specs.items()}
+  malloc = {"jaxrnn": (cli.huge_page_env(os.environ) or os.environ).get("GLIBC_TUNABLES"),
+            "peers": os.environ.get("GLIBC_TUNABLES")}  # how each row's process was started
   out = {"machine": machine, "peak": peak, "auto": auto, "results": results, "seq_sweep": sweep,
-         "memory_mib": memory, "flags": {k: FLAGS[k].value for k in used}}
+         "memory_mib": memory, "glibc_tunables": malloc, "flags": {k: FLAGS[k].value for k in used}}
   _print(out)
   pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=2))
 

@@ -10,7 +10,7 @@ bpc and tokens; a classifier accuracy and examples; both their loss.
 
 from jaxrnn import cli
 
-cli.restart_with_huge_pages()  # first: glibc reads its malloc tunables when a process starts
+cli.restart_with_huge_pages(__file__)  # first: glibc reads its tunables at process start
 
 from absl import flags, logging  # noqa: E402  (after the restart: jax loads once)
 

@@ -12,7 +12,7 @@ import sys
 
 from jaxrnn import cli
 
-cli.restart_with_huge_pages()  # first: glibc reads its malloc tunables when a process starts
+cli.restart_with_huge_pages(__file__)  # first: glibc reads its tunables at process start
 
 from absl import app, flags, logging  # noqa: E402  (after the restart: jax loads once)
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -341,14 +342,18 @@ def test_scripts_keep_freed_memory_so_a_training_step_touches_no_new_pages():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux) only")
 def test_huge_page_env_sets_the_tunables_only_where_they_change_something():
   """GLIBC_TUNABLES=MALLOC_TUNABLES (huge pages, and keep_freed_memory's two settings) where
-  the kernel gives huge pages on request; never over the user's own malloc tuning or opt-out."""
+  the kernel gives huge pages on request; never over the user's own malloc tuning, opt-out, or
+  a process that was restarted already."""
   from jaxrnn import cli
+  if platform.libc_ver()[0] != "glibc":
+    assert cli.huge_page_env({}, "always") is None
+    return
   for mode in ("always", "madvise"):
-    assert cli.huge_page_env({"PATH": "/bin"}, mode) == {"PATH": "/bin",
-                                                         "GLIBC_TUNABLES": cli.MALLOC_TUNABLES}
+    assert cli.huge_page_env({"PATH": "/bin"}, mode) == {
+        "PATH": "/bin", "GLIBC_TUNABLES": cli.MALLOC_TUNABLES, "JAXRNN_HUGE_PAGES": "done"}
   assert cli.huge_page_env({}, "never") is None
   for users in ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, {"MALLOC_ARENA_MAX": "2"},
-                {"JAXRNN_HUGE_PAGES": "0"}):
+                {"JAXRNN_HUGE_PAGES": "0"}, cli.huge_page_env({}, "always")):
     assert cli.huge_page_env(users, "madvise") is None, users
   tunables = dict(t.split("=") for t in cli.MALLOC_TUNABLES.split(":"))
   assert tunables == {"glibc.malloc.hugetlb": "1", "glibc.malloc.mmap_max": "0",
@@ -357,31 +362,40 @@ def test_huge_page_env_sets_the_tunables_only_where_they_change_something():
 
 _RESTART = """
 import os, sys
-print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
+print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"))  # unflushed: the restart flushes
 from jaxrnn import cli
-cli.restart_with_huge_pages()
-print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], "jax" in sys.modules)
+cli.restart_with_huge_pages(__file__)
+print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], sys.flags.dev_mode,
+      "jax" in sys.modules)
 """
 
 
-def test_a_script_restarts_itself_once_under_huge_page_env(tmp_path):
-  """restart_with_huge_pages: where this host gives huge pages, the process runs again once (the
-  same pid and arguments) with the tunables set, before jax is imported; elsewhere it goes on."""
+def test_a_script_restarts_itself_once_where_the_host_gives_huge_pages(tmp_path):
+  """restart_with_huge_pages: where this host's kernel and glibc give huge pages, the script
+  runs again once (the same pid, interpreter options and arguments), with the tunables set and
+  before jax is imported; elsewhere, or run as `-c` code, it goes on as it was."""
   from jaxrnn import cli
   script = tmp_path / "restart.py"
   script.write_text(_RESTART)
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXRNN_HUGE_PAGES")
-         and not k.startswith("MALLOC_")}
-  proc = subprocess.run([sys.executable, str(script), "--flag=1"], capture_output=True,
-                        text=True, cwd=REPO, timeout=60, env=env)
+  env = {k: v for k, v in os.environ.items() if k not in (
+      "GLIBC_TUNABLES", "JAXRNN_HUGE_PAGES", "PYTHONUNBUFFERED") and not k.startswith("MALLOC_")}
+  mode = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+  version = platform.libc_ver()[1].split(".")
+  restarts = (platform.libc_ver()[0] == "glibc" and tuple(map(int, version)) >= (2, 35)
+              and mode.exists() and "[never]" not in mode.read_text())
+  proc = subprocess.run([sys.executable, "-X", "dev", str(script), "--flag=1"],
+                        capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
   assert proc.returncode == 0, proc.stderr
   lines = [line.split(" ", 3) for line in proc.stdout.splitlines()]
   pid = lines[0][1]
-  if cli.huge_page_env(env) is not None:  # this host: its kernel and glibc give huge pages
+  if restarts:
     assert [line[0] for line in lines] == ["start", "start", "after"], proc.stdout
     assert lines[0][2] == "None" and lines[1][1] == pid == lines[2][1], proc.stdout
-    assert lines[1][2] == lines[2][2] == cli.MALLOC_TUNABLES, proc.stdout
+    assert lines[2][2] == cli.MALLOC_TUNABLES, proc.stdout
   else:
     assert [line[0] for line in lines] == ["start", "after"], proc.stdout
     assert lines[1][1] == pid and lines[1][2] == "None", proc.stdout
-  assert lines[-1][3] == "['--flag=1'] False", proc.stdout
+  assert lines[-1][3] == "['--flag=1'] True False", proc.stdout
+  code = subprocess.run([sys.executable, "-c", _RESTART.replace("__file__", "'-c'")],
+                        capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+  assert [line.split()[0] for line in code.stdout.splitlines()] == ["start", "after"], code.stderr
