@@ -102,12 +102,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(f"{e}; see --helpshort")
 
 
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-# The same two settings as glibc tunables, and transparent huge pages for what malloc maps
-# (glibc >= 2.35; an older glibc ignores the name).
-MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:"
-                   "glibc.malloc.trim_threshold=2147483647")
+# What keeps freed memory in a process: {tunable: (mallopt parameter (malloc.h), value)}.
+_KEEP_FREED = {"mmap_max": (-4, 0), "trim_threshold": (-1, 2**31 - 1)}
+# The same as glibc tunables, and transparent huge pages for what malloc maps (glibc >= 2.35).
+MALLOC_TUNABLES = ":".join(f"glibc.malloc.{name}={value}" for name, value in
+                           [("hugetlb", 1), *((n, v) for n, (_, v) in _KEEP_FREED.items())])
 _THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -117,6 +116,11 @@ def _thp_mode() -> str | None:
     return _THP_MODE.read_text().split("[", 1)[1].split("]", 1)[0]
   except (OSError, IndexError):
     return None
+
+
+def _malloc_tuned(environ: Mapping[str, str]) -> bool:
+  """Whether the user tunes malloc (GLIBC_TUNABLES, MALLOC_* variables): then jaxrnn does not."""
+  return any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in environ)
 
 
 def _glibc_version() -> tuple[int, ...] | None:
@@ -134,8 +138,7 @@ def huge_page_env(environ: Mapping[str, str], thp_mode: str | None = None) -> di
   started with it gets huge pages: glibc 2.35 or later, and the kernel's transparent huge pages
   (`thp_mode`, default this host's) "madvise" or "always". None otherwise, where the user tunes
   malloc (GLIBC_TUNABLES, MALLOC_* variables), or where JAXRNN_HUGE_PAGES is set (0: off)."""
-  if ("JAXRNN_HUGE_PAGES" in environ
-      or any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in environ)
+  if ("JAXRNN_HUGE_PAGES" in environ or _malloc_tuned(environ)
       or (thp_mode or _thp_mode()) not in ("always", "madvise")
       or (_glibc_version() or (0,)) < (2, 35)):
     return None
@@ -181,13 +184,12 @@ def keep_freed_memory() -> bool:
   evaluation 1.7x slower). Does nothing without glibc, or where malloc is tuned already
   (GLIBC_TUNABLES, as `restart_with_huge_pages` sets it, or MALLOC_* variables).
   """
-  if any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in os.environ):
+  if _malloc_tuned(os.environ):
     return False
   mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
   if mallopt is None:  # not glibc (macOS)
     return False
-  return all(mallopt(param, value) == 1 for param, value in
-             ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+  return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED.values())
 
 
 def run(main: Callable[[list[str]], None]) -> None:
