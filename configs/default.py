@@ -78,12 +78,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.steps = 1000  # optimizer steps (or epochs)
   config.train.optimizer = "adam"  # adam, adamw or sgd
   config.train.lr = 3e-3  # peak learning rate
-  config.train.schedule = "constant"  # constant, cosine (with linear warmup) or step (below)
+  # constant, cosine or linear (both decay to 0 at the last step, after the warmup) or step (below)
+  config.train.schedule = "constant"
   # step: lr * decay_factor ** max(0, epoch + 1 - decay_after), epoch counted from 0 (Zaremba)
   config.train.decay_factor = 0.5
   config.train.decay_after = 4  # epochs at the full rate
   config.train.warmup_steps = 0  # linear warmup from 0 to lr
   config.train.weight_decay = 0.0  # adamw only
+  config.train.b1 = 0.9  # adam, adamw: decay of the first-moment average
+  config.train.b2 = 0.999  # adam, adamw: decay of the second-moment average
   config.train.clip_norm = 1.0  # global-norm gradient clipping; 0 turns it off
   # Gradient accumulation: each step's batch runs as k micro-batches of batch_size / k lanes
   # (per device), one after another, their mean gradient making one update (less memory)

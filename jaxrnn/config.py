@@ -19,7 +19,7 @@ from jaxrnn import UserError, blocks, cells, data, layers, model, tasks
 
 Config = ml_collections.ConfigDict
 OPTIMIZERS = ("adam", "adamw", "sgd")  # built by optim.make_optimizer
-SCHEDULES = ("constant", "cosine", "step")  # built by optim.learning_rate
+SCHEDULES = ("constant", "cosine", "linear", "step")  # built by optim.learning_rate
 UNITS = ("steps", "epochs")
 EPOCH_FIELDS = ("steps", "warmup_steps", "eval_every", "ckpt_every")  # in train.unit
 TOKENS = ("char", "word")
@@ -84,6 +84,8 @@ RULES: dict[str, Rule] = {
     "train.lr": _finite_at_least(0.0),
     "train.warmup_steps": _at_least(0),
     "train.weight_decay": _finite_at_least(0.0),
+    "train.b1": ((lambda v: 0.0 <= v < 1.0), "in [0, 1) (adam's first-moment decay)"),
+    "train.b2": ((lambda v: 0.0 <= v < 1.0), "in [0, 1) (adam's second-moment decay)"),
     "train.clip_norm": (_finite_at_least(0.0)[0], "a finite number >= 0 (0 turns clipping off)"),
     "train.accumulate": (_at_least(1)[0], ">= 1 (micro-batches per step; 1: none)"),
     "train.schedule": _one_of(SCHEDULES),

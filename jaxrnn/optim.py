@@ -21,6 +21,7 @@ def learning_rate(train_config: Config, steps_per_epoch: int = 1) -> optax.Sched
   """The schedule (`train.schedule`), in optimizer steps:
     constant  lr, after an optional linear warmup from 0;
     cosine    linear warmup, then cosine decay to 0 at the last step;
+    linear    linear warmup, then linear decay to 0 at the last step;
     step      lr * decay_factor ** max(0, epoch + 1 - decay_after), epoch = step // steps_per_epoch
               counted from 0: Zaremba et al. 2014's `lr_decay ** max(i + 1 - max_epoch, 0)`.
   """
@@ -28,6 +29,10 @@ def learning_rate(train_config: Config, steps_per_epoch: int = 1) -> optax.Sched
   if c.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, c.lr, c.warmup_steps,
                                               max(c.steps, c.warmup_steps + 1))
+  if c.schedule == "linear":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, c.lr, c.warmup_steps),
+         optax.linear_schedule(c.lr, 0.0, max(c.steps - c.warmup_steps, 1))], [c.warmup_steps])
   if c.schedule == "step":
     def step_decay(step):
       decays = jnp.maximum(0, step // steps_per_epoch + 1 - c.decay_after)
@@ -98,8 +103,9 @@ def make_optimizer(train_config: Config, steps_per_epoch: int = 1) -> optax.Grad
   all of it `averaged` when `train.asgd_patience` > 0."""
   lr = learning_rate(train_config, steps_per_epoch)
   optimizers = {
-      "adam": lambda: optax.adam(lr),
-      "adamw": lambda: optax.adamw(lr, weight_decay=train_config.weight_decay),
+      "adam": lambda: optax.adam(lr, b1=train_config.b1, b2=train_config.b2),
+      "adamw": lambda: optax.adamw(lr, b1=train_config.b1, b2=train_config.b2,
+                                   weight_decay=train_config.weight_decay),
       "sgd": lambda: optax.sgd(lr),
   }
   clip_norm = train_config.clip_norm
