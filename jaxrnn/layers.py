@@ -147,7 +147,9 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *, unroll: int 
         impl: str = "auto") -> tuple[Carry, jax.Array]:
   """Runs `cell` over xs<float>[b, t, d] -> (final carry, ys<float>[b, t, h]).
 
-  `resolve` turns `impl` into a kernel (`kernels.LAYERS`: one call for the whole layer) or an
+  xs may be tokens<int>[b, t] for a standard cell whose W_ih is a table of token rows (a
+  folded embedding, `model.folds_embedding`): the core gathers those rows, every other path
+  reads them as one-hot inputs (`kernels.dense`). `resolve` turns `impl` into a kernel (`kernels.LAYERS`: one call for the whole layer) or an
   XLA recurrence (`recurrence`). `unroll` is passed to `lax.scan`.
   """
   impl = resolve(cell, impl, hidden(carry).shape[-1], xs.shape[1])
@@ -155,6 +157,7 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *, unroll: int 
     return kernels.per_pass(*impl.split("/"))(cell.kernel, params, carry, xs, cell.dtype)
   if impl in kernels.LAYERS:  # batch-major, as the kernels take it
     return kernels.LAYERS[impl](cell.kernel, params, carry, xs, cell.dtype)
+  xs = kernels.dense(params, xs)  # tokens (a folded embedding) as one-hot rows
   carry, ys = recurrence(cell, impl, xs.shape[1])(params, carry, jnp.swapaxes(xs, 0, 1), unroll)
   return carry, jnp.swapaxes(ys, 0, 1)
 

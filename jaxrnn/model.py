@@ -117,11 +117,12 @@ def embed(params: dict[str, Any], tokens: jax.Array, model_config: Config, vocab
 
 def folds_embedding(model_config: Config, vocab_size: int, rows: int,
                     input_dropout: bool) -> bool:
-  """Whether `outputs` feeds the first layer one_hot(tokens) and W_ih' = E W_ih for E[tokens].
+  """Whether `outputs` feeds the first layer the tokens and W_ih' = E W_ih for E[tokens].
 
-  The two are equal for a stack of kernel cells (the input enters only through x W_ih + b), and
-  the first layer's input product and its backward products then run over v columns, not e
-  (dx, which only the embedding's gradient needed, is not formed), beside one [v, e] x [e, g]
+  The two are equal for a stack of kernel cells (the input enters only through x W_ih + b):
+  the first layer's input product becomes the tokens' rows of W_ih' (gathered in the core, a
+  one-hot product elsewhere) and its weight gradient sums the gates' gradients per token (dx,
+  which only the embedding's gradient needed, is not formed), beside one [v, e] x [e, g]
   product. Folded where v (e + rows) < rows e: characters into a wide embedding (a 2 x 256
   LSTM, e 256, batch 32 x 64: 12-15% off its training step on the 2-core EPYC), not words or
   the single steps of sampling; nor at e 64, where folding measured 15% slower (a product
@@ -173,7 +174,7 @@ def outputs(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
     folded = cells.matmul(table, first["w_ih"], blocks.cell(model_config).dtype)
     stack = {**params, "layers": [{**first, "w_ih": folded},
                                   *params["layers"][1:]]}
-    x = jax.nn.one_hot(tokens, vocab_size, dtype=jnp.float32)
+    x = tokens  # the first layer picks their rows of W_ih' (`layers.run`)
   else:
     x = layers.dropout(embed(params, tokens, model_config, vocab_size, k_embed), rate_in, k_in,
                        locked)

@@ -93,6 +93,30 @@ def test_the_core_matches_the_xla_scan_over_whole_and_partial_vectors(family):
 
 
 @needs_core
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
+def test_the_core_reads_tokens_as_their_one_hot_rows(family, dtype):
+  """Tokens<int>[b, t] (a folded embedding's input) against their one-hot floats: the same
+  outputs and carries to the bit (a gather is the one-hot product's value), and the same
+  gradients to 1e-6 (dW_ih sums per token, the product in another order), in both dtypes."""
+  cell = cells.get(family, compute_dtype=jnp.dtype(dtype).name)
+  v, b, t = 11, 3, 37
+  params = [cell.init(jax.random.key(2), v, H), cell.init(jax.random.key(3), H, H)]
+  rng = np.random.default_rng(7)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  carries = [jax.tree.map(lambda z: normal(*z.shape), cell.initial_carry(b, H)) for _ in params]
+  tokens = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+  d_ys, d_carries = normal(b, t, H), jax.tree.map(lambda z: normal(*z.shape), carries)
+  run = jax.jit(functools.partial(layers.run_stack, cell, impl="core"))
+  one_hot = jax.nn.one_hot(tokens, v, dtype=jnp.float32)
+  for got, want in zip(jax.tree.leaves(run(params, carries, tokens)),
+                       jax.tree.leaves(run(params, carries, one_hot))):
+    np.testing.assert_array_equal(got, want)
+  grad = jax.jit(jax.grad(functools.partial(_loss, cell, "core", d_ys, d_carries), argnums=(0, 1)))
+  _assert_close(grad(params, carries, tokens), grad(params, carries, one_hot), rtol=1e-6)
+
+
+@needs_core
 def test_the_core_runs_on_xlas_threads_and_starts_none_of_its_own():
   """A training step through the core (forward and backward, a batch split over the threads)
   starts no thread: its parts run on XLA's intra-op pool, so nothing competes with XLA's

@@ -309,12 +309,19 @@ def test_the_embedding_is_folded_into_the_first_layer_where_that_saves_work():
     assert not model.folds_embedding(_config(cell, embed_dim=256, **other), 65, 2048, False)
 
 
-@pytest.mark.parametrize("impl", ["scan", pytest.param("core", marks=pytest.mark.skipif(
-    bool(kernels.unavailable("core")), reason="jaxrnn's core is not built here"))])
-@pytest.mark.parametrize("name", CELLS)
+def _kernel(impl: str) -> list:
+  return [pytest.mark.skipif(bool(kernels.unavailable(impl)),
+                             reason=f"jaxrnn's {impl} kernel is not built here")]
+
+
+@pytest.mark.parametrize("name, impl", [(name, impl) for name in CELLS for impl in ("scan", "auto")]
+                         + [pytest.param(name, "core", marks=_kernel("core")) for name in CELLS]
+                         + [pytest.param(name, "onednn", marks=_kernel("onednn"))
+                            for name in kernels.FAMILIES["onednn"]])
 def test_the_folded_embedding_gives_the_embedded_tokens_values_and_gradients(name, impl,
                                                                              monkeypatch):
-  """one_hot(tokens) (E W_ih) in the first layer against E[tokens] W_ih, in training with
+  """Tokens into E W_ih in the first layer (gathered in the core, one-hot elsewhere) against
+  E[tokens] W_ih, in training with
   embedding dropout (its masked rows fold too) and dropout between layers: logits, carries
   and every parameter's gradient (the embedding's and W_ih's included) to 1e-5."""
   config = _config(name, embed_dim=32, embed_dropout=0.3, dropout_in=0.0, dropout_hidden=0.2,

@@ -3,7 +3,8 @@ on a GPU.
 
 A kernel runs one layer of a standard cell over all time steps in one call, with the carried
 state in and out: `LAYERS[impl](family, params, carry, xs<float>[b, t, d], dtype) -> (carry,
-ys<float>[b, t, h])`, batch-major, differentiable, its products with `dtype` operands
+ys<float>[b, t, h])`, batch-major, differentiable (xs may also be tokens<int>[b, t], the
+first layer's input under a folded embedding: one-hot rows of W_ih, see `dense`), its products with `dtype` operands
 (`DTYPES[impl]`: float32, and bfloat16 in the core) and float32 sums. `family` is a cell's
 `kernel` field ("lstm", "gru", "rnn_tanh", "rnn_relu"), which promises PyTorch's equations and
 jaxrnn's parameter names (`w_ih`, `w_hh`, `b`, and the GRU's `b_hn`); here they are arranged
@@ -37,6 +38,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrnn.cells import Carry, Params, matmul
 
@@ -225,6 +227,15 @@ def warn_fallback(impl: str) -> None:
         file=sys.stderr)
 
 
+def dense(params: Params, xs: jax.Array) -> jax.Array:
+  """A layer's input as floats: tokens<int>[b, t] one-hot over W_ih's rows (a folded embedding,
+  `model.folds_embedding`, makes W_ih a table of token rows); xs<float>[b, t, d] as it is.
+  The core takes the tokens themselves and gathers their rows (`_input_product`)."""
+  if jnp.issubdtype(xs.dtype, jnp.integer):
+    return jax.nn.one_hot(xs, params["w_ih"].shape[0], dtype=jnp.float32)
+  return xs
+
+
 # ------------------------------------------------------------------------------------ oneDNN
 
 def _onednn_weights(family: str, params: Params) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -305,7 +316,7 @@ def onednn_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
   _check_dtype("onednn", dtype)
   if why := unavailable("onednn"):
     raise RuntimeError(f"model.impl=onednn cannot run: {why}")
-  return _onednn(family, _onednn_weights(family, params), carry, xs)
+  return _onednn(family, _onednn_weights(family, params), carry, dense(params, xs))
 
 
 # ------------------------------------------------------------------------------------- cuDNN
@@ -329,6 +340,7 @@ def cudnn_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
   _check_dtype("cudnn", dtype)
   del family  # "lstm", the one cuDNN binding JAX has
   h, c = carry
+  xs = dense(params, xs)
   b, t, d = xs.shape
   ys, h_n, c_n = rnn.lstm(xs, h[None], c[None], cudnn_weights(params),
                           jnp.full((b,), t, jnp.int32), input_size=d, hidden_size=h.shape[-1],
@@ -342,13 +354,32 @@ _CORE_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 _CORE_AUX = {"lstm": 5, "gru": 4, "rnn_tanh": 0, "rnn_relu": 0}  # the gates rnn_core.cc keeps
 
 
+def _tokens(xs: jax.Array) -> bool:
+  return jnp.issubdtype(xs.dtype, jnp.integer)
+
+
+def _rounded(x: jax.Array, dtype: Any) -> jax.Array:
+  """x<float32> as a product's operand of `dtype` sees it (rounded to bfloat16), in float32."""
+  return x if dtype == jnp.float32 else x.astype(dtype).astype(jnp.float32)
+
+
+def _input_product(w_ih: jax.Array, xs: jax.Array, dtype: Any) -> jax.Array:
+  """xs W_ih<[b, t, g]>: one product for all steps; for tokens<int>[b, t] the rows of W_ih they
+  pick, which is the one-hot product's value to the bit, at a memory copy's cost (a product
+  with 65 one-hot columns runs far below the CPU's peak: 11.6 against 1.7 ms at [64 x 128] x
+  [65, 1536] on the 2-core EPYC)."""
+  if _tokens(xs):
+    return jnp.take(_rounded(w_ih, dtype), xs, axis=0)
+  return matmul(xs, w_ih, dtype)
+
+
 def _core_forward(family, dtype, train, params, carry, xs):
   """-> ((carry, ys<[b, t, h]>), aux or None): gx = xs W_ih + b in XLA, then the core's loop;
   every product with `dtype` operands (the loop's per-step ones too) and float32 sums."""
   states = _states(family, carry)
-  b, t, _ = xs.shape
+  b, t = xs.shape[:2]
   h = states[0].shape[-1]
-  gx = matmul(xs, params["w_ih"], dtype) + params["b"]  # [b, t, g]: one product for all steps
+  gx = _input_product(params["w_ih"], xs, dtype) + params["b"]  # [b, t, g]
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   outs = [f32(b, t, h)] + [f32(b, h)] * len(states)
   if train:
@@ -375,11 +406,13 @@ def _core_fwd(family, dtype, params, carry, xs):
 def _core_bwd(family, dtype, residuals, cotangents):
   """The core's backward loop gives the gates' gradients dG<[b, t, g]>; every weight gradient
   and dx is then one product over all b * t rows: dW_ih = X^T dG, dW_hh = H_prev^T dG_h,
-  db = sum dG, dx = dG W_ih^T (the GRU's dG_h differs from dG in its n block: r * dn)."""
+  db = sum dG, dx = dG W_ih^T (the GRU's dG_h differs from dG in its n block: r * dn). For
+  tokens, dW_ih sums dG's rows per token (the one-hot product's value, in another order) and
+  the tokens have no gradient."""
   params, carry, xs, ys, aux = residuals
   d_carry, d_ys = cotangents
   states = _states(family, carry)
-  b, t, d = xs.shape
+  b, t = xs.shape[:2]
   h, g = ys.shape[-1], params["w_hh"].shape[-1]
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   two = family == "gru"
@@ -391,12 +424,16 @@ def _core_bwd(family, dtype, residuals, cotangents):
   d_states = res[2 if two else 1:]
   rows = lambda x: x.reshape(b * t, x.shape[-1])
   h_prev = jnp.concatenate([states[0][:, None], ys[:, :-1]], axis=1)
-  grads = {"w_ih": matmul(rows(xs).T, d_gx, dtype),  # contract the b * t rows
-           "w_hh": matmul(rows(h_prev).T, d_gh, dtype),
-           "b": d_gx.sum(0)}
+  d = params["w_ih"].shape[0]  # the input's width; for tokens, the vocabulary
+  if _tokens(xs):
+    d_w_ih = jax.ops.segment_sum(_rounded(d_gx, dtype), xs.reshape(-1), num_segments=d)
+    d_xs = np.zeros(xs.shape, jax.dtypes.float0)
+  else:
+    d_w_ih = matmul(rows(xs).T, d_gx, dtype)  # contract the b * t rows
+    d_xs = matmul(d_gx, params["w_ih"].T, dtype).reshape(b, t, d)
+  grads = {"w_ih": d_w_ih, "w_hh": matmul(rows(h_prev).T, d_gh, dtype), "b": d_gx.sum(0)}
   if two:
     grads["b_hn"] = d_gh[:, 2 * h:].sum(0)
-  d_xs = matmul(d_gx, params["w_ih"].T, dtype).reshape(b, t, d)
   return grads, _carry(family, d_states), d_xs
 
 
@@ -405,8 +442,9 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 def core_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
                dtype: Any = jnp.float32) -> tuple[Carry, jax.Array]:
-  """A `family` layer over xs<float32>[b, t, d] in jaxrnn's core -> (carry, ys<float32>[b, t, h]),
-  its products with `dtype` operands (float32 or bfloat16) and float32 sums."""
+  """A `family` layer over xs<float32>[b, t, d] (or tokens<int>[b, t], see `dense`) in jaxrnn's
+  core -> (carry, ys<float32>[b, t, h]), its products with `dtype` operands (float32 or
+  bfloat16) and float32 sums."""
   if why := unavailable("core"):
     raise RuntimeError(f"model.impl=core cannot run: {why}")
   _check_dtype("core", dtype)
