@@ -192,10 +192,30 @@ def keep_freed_memory() -> bool:
   return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED.values())
 
 
+def run_inline() -> None:
+  """Has a CPU computation run on the thread that calls it, not on a dispatch thread of XLA's
+  (`jax_cpu_enable_async_dispatch`; pmap's computations stay asynchronous). Call it before the
+  first computation: JAX reads it when it creates the CPU client.
+
+  XLA's CPU runtime allocates each call's scratch (a step's intermediates: 230 MB for the 2 x
+  384 LSTM at batch 64 x 128) on the thread that runs the call. On a dispatch thread that is a
+  thread's malloc arena, which cannot hold a block over 64 MB, so glibc maps it afresh each
+  step (115 huge-page faults, the memory zeroed each time); on the calling thread it comes from
+  the main heap, which `keep_freed_memory` keeps. Fresh pages cost most on a VM whose host
+  takes back the pages a guest frees (virtio-balloon free page reporting): beside PyTorch in
+  `scripts/bench.py` that LSTM trained at 11.2-14.5K tokens/s dispatched, 14.9-15.6K inline
+  (docs/speed.md). The host no longer queues the next step while one runs; `train.py` does
+  about a millisecond of host work between steps.
+  """
+  import jax  # here: a script restarts (`restart_with_huge_pages`) before jax is imported
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run(main)` after `keep_freed_memory()`, where a UserError from main ends the
-  script with one line."""
+  """`absl.app.run(main)` after `keep_freed_memory()` and `run_inline()`, where a UserError
+  from main ends the script with one line."""
   keep_freed_memory()
+  run_inline()
 
   @functools.wraps(main)
   def guarded(argv: list[str]) -> None:

@@ -312,13 +312,20 @@ class _Process:
 
 def _timed(fns: dict[str, Callable[[], int]], calls: int, warmup: int, unit: str,
            flops_per_unit: float = 0.0) -> dict[str, dict[str, Any]]:
-  """`warmup` calls of each, then interleaved rounds of `calls`: median units/s, ratio, GFLOP/s."""
+  """`warmup` calls of each, then interleaved rounds of `calls`: median units/s, ratio, GFLOP/s.
+
+  Each round starts with one untimed call: a row's threads wait idle while the others are
+  timed, and on a VM the first call after that idle can take twice as long (measured on the
+  2-core EPYC: the second thread of a call returns from idle up to 60 ms late), which a
+  training loop, running its steps back to back, never pays.
+  """
   for fn in fns.values():
     for _ in range(warmup):
       fn()
   rounds = {name: [] for name in fns}
   for _ in range(FLAGS.rounds):
     for name, fn in fns.items():
+      fn()
       tick = time.perf_counter()
       units = sum(fn() for _ in range(calls))
       rounds[name].append(units / (time.perf_counter() - tick))
@@ -421,6 +428,7 @@ def main(argv: list[str]) -> None:
   jax.config.update("jax_platforms", {"gpu": "cuda"}.get(FLAGS.device, FLAGS.device))
   if not FLAGS.serve.startswith(tuple(_PEERS)):
     cli.keep_freed_memory()  # as jaxrnn's scripts run; the peers run as their users run them
+    cli.run_inline()
   peers = [p for p in _split(FLAGS.peers) if p in _PEERS and importlib.util.find_spec(p)]
   for name in set(_split(FLAGS.peers)) - set(peers):
     print(f"note: skipping peer {name!r}: unknown or not importable", file=sys.stderr)
