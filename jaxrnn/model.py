@@ -115,23 +115,30 @@ def embed(params: dict[str, Any], tokens: jax.Array, model_config: Config, vocab
   return x * jnp.where(keep, 1.0 / (1.0 - rate), 0.0)[tokens][..., None]
 
 
-def folds_embedding(model_config: Config, vocab_size: int, rows: int,
+def folds_embedding(model_config: Config, vocab_size: int, shape: tuple[int, int],
                     input_dropout: bool) -> bool:
-  """Whether `outputs` feeds the first layer the tokens and W_ih' = E W_ih for E[tokens].
+  """Whether `outputs` feeds the first layer the tokens<int>[b, t] (`shape`) and W_ih' = E W_ih
+  for E[tokens].
 
   The two are equal for a stack of kernel cells (the input enters only through x W_ih + b):
   the first layer's input product becomes the tokens' rows of W_ih' (gathered in the core, a
   one-hot product elsewhere) and its weight gradient sums the gates' gradients per token (dx,
   which only the embedding's gradient needed, is not formed), beside one [v, e] x [e, g]
-  product. Folded where v (e + rows) < rows e: characters into a wide embedding (a 2 x 256
-  LSTM, e 256, batch 32 x 64: 12-15% off its training step on the 2-core EPYC), not words or
-  the single steps of sampling; nor at e 64, where folding measured 15% slower (a product
-  over 65 columns runs far below the CPU's peak). Not with dropout on the embedded positions.
+  product. Folded where the vocabulary is smaller than the batch (characters, not words or
+  the single steps of sampling) and either the layer trains in the core, where the rows cost
+  a copy (the quickstart's 1 x 256 LSTM, e 64: 12% off its step on the 2-core EPYC), or v (e
+  + rows) < rows e, where the one-hot product is the smaller (a 2 x 256 LSTM, e 256: 12-15%
+  off; at e 64 it measured 15% slower, a product over 65 columns running far below the CPU's
+  peak). Not with dropout on the embedded positions.
   """
-  e = model_config.embed_dim
-  return (model_config.block == "stack" and not model_config.one_hot and not input_dropout
-          and blocks.cell(model_config).kernel is not None
-          and vocab_size * (e + rows) < rows * e)
+  b, t = shape
+  rows, e = b * t, model_config.embed_dim
+  cell = blocks.cell(model_config)
+  if (model_config.block != "stack" or model_config.one_hot or input_dropout
+      or cell.kernel is None or vocab_size >= rows):
+    return False
+  impl = layers.resolve(cell, model_config.impl, layer_sizes(model_config)[0], t)
+  return "core" in impl.split("/") or vocab_size * (e + rows) < rows * e
 
 
 def _shared_keys(shared_rng: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
@@ -168,7 +175,7 @@ def outputs(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
   rate_in, rate_hidden, rate_out = dropout_rates(model_config)
   locked = model_config.locked_dropout
   stack = params
-  if folds_embedding(model_config, vocab_size, tokens.size, k_in is not None and rate_in > 0):
+  if folds_embedding(model_config, vocab_size, tokens.shape, k_in is not None and rate_in > 0):
     table = embed(params, jnp.arange(vocab_size), model_config, vocab_size, k_embed)  # [v, e]
     first = params["layers"][0]
     folded = cells.matmul(table, first["w_ih"], blocks.cell(model_config).dtype)

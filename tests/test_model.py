@@ -298,15 +298,22 @@ def test_with_the_new_fields_off_training_logits_are_the_old_ones_bit_for_bit(na
 
 def test_the_embedding_is_folded_into_the_first_layer_where_that_saves_work():
   """Characters into a wide embedding and a kernel cell's stack fold; words, single sampled
-  steps, one-hot inputs, dropout on the embedded positions, other blocks and cells do not."""
+  steps, one-hot inputs, dropout on the embedded positions, other blocks and cells do not; a
+  narrow embedding folds where the core trains the layer (its tokens gather rows), not where
+  a one-hot product would replace it."""
   chars = _config("lstm", embed_dim=256)
-  assert model.folds_embedding(chars, 65, 32 * 64, input_dropout=False)
-  assert not model.folds_embedding(chars, 10_000, 32 * 64, input_dropout=False)
-  assert not model.folds_embedding(chars, 65, 4, input_dropout=False)
-  assert not model.folds_embedding(chars, 65, 32 * 64, input_dropout=True)
+  assert model.folds_embedding(chars, 65, (32, 64), input_dropout=False)
+  assert not model.folds_embedding(chars, 10_000, (32, 64), input_dropout=False)
+  assert not model.folds_embedding(chars, 65, (4, 1), input_dropout=False)
+  assert not model.folds_embedding(chars, 65, (32, 64), input_dropout=True)
   for cell, other in (("lstm", dict(one_hot=True)), ("lstm", dict(block="residual")),
                       ("mingru", {})):
-    assert not model.folds_embedding(_config(cell, embed_dim=256, **other), 65, 2048, False)
+    assert not model.folds_embedding(_config(cell, embed_dim=256, **other), 65, (32, 64), False)
+  narrow = lambda impl: model.folds_embedding(
+      _config("lstm", embed_dim=64, hidden_size=256, impl=impl), 65, (32, 64), False)
+  assert not narrow("scan")
+  if not kernels.unavailable("core"):
+    assert narrow("core") and narrow("auto")
 
 
 def _kernel(impl: str) -> list:
@@ -329,7 +336,7 @@ def test_the_folded_embedding_gives_the_embedded_tokens_values_and_gradients(nam
   params = model.init(jax.random.key(0), config, V)
   carry = jax.tree.map(lambda c: c + 0.1, model.initial_carry(config, B))
   tokens, rngs = _tokens(3), _rngs(4)
-  assert model.folds_embedding(config, V, tokens.size, input_dropout=False)
+  assert model.folds_embedding(config, V, tokens.shape, input_dropout=False)
 
   def run(p):
     new, logits = model.apply(p, carry, tokens, model_config=config, train=True, rng=rngs)
