@@ -2,11 +2,12 @@
 
   python scripts/train.py --config configs/shakespeare_cpu.py --workdir runs/shakespeare_cpu
 
-Sized by measured speed: on the 2-core AMD EPYC this GRU trains at 15.5K tokens/s, so 1,600
+Sized by measured speed: on the 2-core AMD EPYC this GRU trains at 15.4K tokens/s, so 1,600
 steps of 128 x 64 tokens (13.1M tokens, about 13 epochs) fit in 15 minutes with compilation
 and four whole-split validations. Tuned in three sweeps of 6-14 variants trained side by side
 on one GPU (docs/results.md): AdamW (weight decay 0.2, b2 0.99), clipping at 0.5, batch 128 x
 64 rather than 64 x 128, peak lr 5e-3 with cosine decay after 50 warmup steps, dropout 0.1.
+Measured there: validation loss 1.400 (perplexity 4.06) in 14 min 32 s wall.
 """
 
 from configs import default
