@@ -149,8 +149,9 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *, unroll: int 
 
   xs may be tokens<int>[b, t] for a standard cell whose W_ih is a table of token rows (a
   folded embedding, `model.folds_embedding`): the core gathers those rows, every other path
-  reads them as one-hot inputs (`kernels.dense`). `resolve` turns `impl` into a kernel (`kernels.LAYERS`: one call for the whole layer) or an
-  XLA recurrence (`recurrence`). `unroll` is passed to `lax.scan`.
+  reads them as one-hot inputs (`kernels.dense`). `resolve` turns `impl` into a kernel
+  (`kernels.LAYERS`: one call for the whole layer) or an XLA recurrence (`recurrence`).
+  `unroll` is passed to `lax.scan`.
   """
   impl = resolve(cell, impl, hidden(carry).shape[-1], xs.shape[1])
   if "/" in impl:  # inference / training kernels, batch-major
@@ -334,7 +335,8 @@ def run_stack(cell: Cell, layer_params: Sequence[Params], carries: Sequence[Carr
               impl: str = "auto", bidirectional: bool = False, lengths: jax.Array | None = None,
               locked: bool = False, weight_drop: float = 0.0,
               weight_rng: jax.Array | None = None) -> tuple[list[Carry], jax.Array]:
-  """Runs stacked layers over xs<float>[b, t, d] -> (carries, ys<float>[b, t, h]).
+  """Runs stacked layers over xs<float>[b, t, d] (or tokens<int>[b, t], see `run`) -> (carries,
+  ys<float>[b, t, h]).
 
   Dropout is applied between layers (to the input of layers 2..n; `locked`: one mask per lane
   for all steps) when `rng` (one key, or keys<key>[b]) is given; `weight_drop` on each layer's

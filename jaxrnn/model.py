@@ -138,7 +138,8 @@ def folds_embedding(model_config: Config, vocab_size: int, shape: tuple[int, int
       or cell.kernel is None or vocab_size >= rows):
     return False
   impl = layers.resolve(cell, model_config.impl, layer_sizes(model_config)[0], t)
-  return "core" in impl.split("/") or vocab_size * (e + rows) < rows * e
+  trains_in_core = impl.split("/")[-1] == "core"  # "a/b": b is the training kernel
+  return trains_in_core or vocab_size * (e + rows) < rows * e
 
 
 def _shared_keys(shared_rng: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:

@@ -26,20 +26,25 @@ def test_linear_schedule_warms_up_and_decays_to_zero_by_hand():
   by_hand = {0: 0.0, 5: 5e-3, 10: 1e-2, 35: 7.5e-3, 60: 5e-3, 110: 0.0}
   for step, lr in by_hand.items():
     assert float(schedule(step)) == pytest.approx(lr, abs=1e-9), step
+  config.update(warmup_steps=0, steps=100)  # no warmup: the peak at step 0
+  schedule = optim.learning_rate(config)
+  assert [float(schedule(s)) for s in (0, 50, 100)] == pytest.approx([1e-2, 5e-3, 0.0], abs=1e-9)
 
 
 def test_adams_betas_reach_the_update():
   """train.b1 / b2 are adam's: one update from zero moments is g / (|g| + eps) at step 1 whatever
   the betas, so compare the second update, where b2 weighs the two squared gradients."""
-  config = default.get_config().train
-  config.update(lr=1.0, clip_norm=0.0, b1=0.0, b2=0.5)
-  tx = optim.make_optimizer(config)
-  params = {"w": np.zeros(1, np.float32)}
-  state = tx.init(params)
-  _, state = tx.update({"w": np.array([1.0], np.float32)}, state, params)
-  update, _ = tx.update({"w": np.array([3.0], np.float32)}, state, params)
-  # b1 = 0: m = 3; v = 0.5 * 0.5 * 1 + 0.5 * 9 = 4.75, debiased by 1 - 0.25: 6.333
-  assert float(update["w"][0]) == pytest.approx(-3.0 / (np.sqrt(4.75 / 0.75) + 1e-8), rel=1e-6)
+  for optimizer in ("adam", "adamw"):  # adamw's decay is 0 here: the same update
+    config = default.get_config().train
+    config.update(optimizer=optimizer, lr=1.0, clip_norm=0.0, b1=0.0, b2=0.5)
+    tx = optim.make_optimizer(config)
+    params = {"w": np.zeros(1, np.float32)}
+    state = tx.init(params)
+    _, state = tx.update({"w": np.array([1.0], np.float32)}, state, params)
+    update, _ = tx.update({"w": np.array([3.0], np.float32)}, state, params)
+    # b1 = 0: m = 3; v = 0.5 * 0.5 * 1 + 0.5 * 9 = 4.75, debiased by 1 - 0.25: 6.333
+    want = -3.0 / (np.sqrt(4.75 / 0.75) + 1e-8)
+    assert float(update["w"][0]) == pytest.approx(want, rel=1e-6), optimizer
 
 
 def test_step_schedule_is_zarembas_by_hand():
