@@ -211,11 +211,17 @@ def run_inline() -> None:
   jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run(main)` after `keep_freed_memory()` and `run_inline()`, where a UserError
-  from main ends the script with one line."""
+def tune_process() -> None:
+  """What jaxrnn's scripts set in their process before its first computation:
+  `keep_freed_memory()` and `run_inline()`."""
   keep_freed_memory()
   run_inline()
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`absl.app.run(main)` after `tune_process()`, where a UserError from main ends the script
+  with one line."""
+  tune_process()
 
   @functools.wraps(main)
   def guarded(argv: list[str]) -> None:

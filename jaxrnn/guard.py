@@ -35,6 +35,20 @@ class Diverged(UserError):
   """The run's loss or parameters turned non-finite: a one-line error with what to do."""
 
 
+def diverged(what: str, train_config: Any, saved: list[int]) -> Diverged:
+  """The guard's error: what diverged, the checkpoints there are, and how to go on."""
+  c = train_config
+  fix = (f"turn gradient clipping on (--config.train.clip_norm=1.0; 0 is off) or lower "
+         f"--config.train.lr (now {c.lr})" if c.clip_norm == 0 else
+         f"lower --config.train.lr (now {c.lr}) or --config.train.clip_norm (now {c.clip_norm})")
+  if not saved:
+    return Diverged(f"{what}; no checkpoint was saved before it: {fix} and run again")
+  earlier = (f" (or add --config.train.resume_step=N to resume from an earlier step N of "
+             f"{', '.join(map(str, saved[:-1]))})" if len(saved) > 1 else "")
+  return Diverged(f"{what}; nothing after the checkpoint of step {saved[-1]} was saved: "
+                        f"{fix} and run again to resume from step {saved[-1]}{earlier}")
+
+
 class Guard:
   """Checks each step's read-back metrics, holds a checkpoint until a loss of its parameters is
   in, then writes it (`write`) if that loss is sane, or says why it is not written (`note`).

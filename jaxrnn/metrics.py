@@ -120,6 +120,25 @@ def open_events(workdir: pathlib.Path, wanted: bool | None) -> Any:
   return tensorboardx.SummaryWriter(str(workdir), flush_secs=10)
 
 
+class Speed:
+  """Training tokens/s between train rows, counting only the time spent in training steps."""
+
+  def __init__(self, step: int, tokens_per_step: int):
+    self.since, self.tokens_per_step, self.seconds = step, tokens_per_step, 0.0
+    self.resume()
+
+  def resume(self) -> None:
+    self.mark = time.perf_counter()
+
+  def pause(self) -> None:
+    self.seconds += time.perf_counter() - self.mark
+
+  def rate(self, step: int) -> float:
+    rate = (step - self.since) * self.tokens_per_step / self.seconds
+    self.since, self.seconds = step, 0.0
+    return rate
+
+
 def _with_evaluations(rows: list[dict[str, Any]],
                       evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """`rows` with each of `evaluations` that they lack put back in step order (after the train

@@ -126,43 +126,10 @@ def due(step: int, train_config: Config, preempted: bool = False) -> Due:
              save=last or preempted or every(train_config.ckpt_every))
 
 
-def diverged(what: str, train_config: Config, saved: list[int]) -> guard.Diverged:
-  """The guard's error: what diverged, the checkpoints there are, and how to go on."""
-  c = train_config
-  fix = (f"turn gradient clipping on (--config.train.clip_norm=1.0; 0 is off) or lower "
-         f"--config.train.lr (now {c.lr})" if c.clip_norm == 0 else
-         f"lower --config.train.lr (now {c.lr}) or --config.train.clip_norm (now {c.clip_norm})")
-  if not saved:
-    return guard.Diverged(f"{what}; no checkpoint was saved before it: {fix} and run again")
-  earlier = (f" (or add --config.train.resume_step=N to resume from an earlier step N of "
-             f"{', '.join(map(str, saved[:-1]))})" if len(saved) > 1 else "")
-  return guard.Diverged(f"{what}; nothing after the checkpoint of step {saved[-1]} was saved: "
-                        f"{fix} and run again to resume from step {saved[-1]}{earlier}")
-
-
 def _read_back(pending: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
   """The metrics of the steps since the last read-back, as floats, in one transfer."""
   host = jax.device_get([parallel.unreplicate(m) for m in pending])
   return [{k: float(v) for k, v in m.items()} for m in host]
-
-
-class _Speed:
-  """Training tokens/s between train rows, counting only the time spent in training steps."""
-
-  def __init__(self, step: int, tokens_per_step: int):
-    self.since, self.tokens_per_step, self.seconds = step, tokens_per_step, 0.0
-    self.resume()
-
-  def resume(self) -> None:
-    self.mark = time.perf_counter()
-
-  def pause(self) -> None:
-    self.seconds += time.perf_counter() - self.mark
-
-  def rate(self, step: int) -> float:
-    rate = (step - self.since) * self.tokens_per_step / self.seconds
-    self.since, self.seconds = step, 0.0
-    return rate
 
 
 def _average_when_due(state: TrainState, step: int, evals: dict[str, dict[str, Any]],
@@ -255,9 +222,9 @@ def _train(run: Run, workdir: pathlib.Path) -> dict[str, Any]:
   first, params_count = int(state.step) + 1, model.num_params(state.params)
   state, carry, zeros = parallel.replicate(state, devs), local(carry), local(zeros)
   start, evals, pending = time.perf_counter(), {}, []
-  speed = _Speed(first - 1, config.data.batch_size * config.data.seq_len)  # padding included
+  speed = metrics.Speed(first - 1, config.data.batch_size * config.data.seq_len)  # padding included
   val_rows, val_losses = history["val_rows"], history["val_losses"]
-  advice = lambda what: diverged(what, config.train, sorted(mngr.all_steps()))
+  advice = lambda what: guard.diverged(what, config.train, sorted(mngr.all_steps()))
 
   def evaluate_splits(log, step, params, names):  # log None: report without logging again
     figures = {s: evaluate(params, splits[s]) for s in names if task.size(splits[s]) > 0}

@@ -427,8 +427,7 @@ def main(argv: list[str]) -> None:
       FLAGS[name].value = value
   jax.config.update("jax_platforms", {"gpu": "cuda"}.get(FLAGS.device, FLAGS.device))
   if not FLAGS.serve.startswith(tuple(_PEERS)):
-    cli.keep_freed_memory()  # as jaxrnn's scripts run; the peers run as their users run them
-    cli.run_inline()
+    cli.tune_process()  # as jaxrnn's scripts run; the peers run as their users run them
   peers = [p for p in _split(FLAGS.peers) if p in _PEERS and importlib.util.find_spec(p)]
   for name in set(_split(FLAGS.peers)) - set(peers):
     print(f"note: skipping peer {name!r}: unknown or not importable", file=sys.stderr)
