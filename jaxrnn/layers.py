@@ -24,12 +24,24 @@ IMPLS = ("auto",) + XLA_IMPLS + tuple(kernels.LAYERS)
 Recurrence = Callable[[Params, Carry, jax.Array, int], tuple[Carry, jax.Array]]
 
 
+def runnable_impls(platform: str) -> tuple[str, ...]:
+  """The `model.impl` values that can run on JAX platform `platform` (cpu, gpu, tpu)."""
+  return ("auto",) + XLA_IMPLS + tuple(k for k in kernels.LAYERS
+                                       if kernels.PLATFORMS[k] == platform)
+
+
 def check(cell: Cell, impl: str, platform: str | None = None) -> None:
   """Raises a one-line UserError unless `impl` can run `cell` on `platform` (default: JAX's)."""
   if impl not in IMPLS:
     raise UserError(f"model.impl must be one of {', '.join(IMPLS)}, got {impl!r}")
   if impl not in kernels.LAYERS:
     return
+  platform = platform or jax.default_backend()
+  if kernels.PLATFORMS[impl] != platform:
+    # Before anything is built: a CPU custom call on a GPU fails deep inside XLA's compiler.
+    raise UserError(f"model.impl={impl} runs on a {kernels.PLATFORMS[impl]} only (this "
+                    f"platform: {platform}); use model.impl="
+                    f"{', '.join(runnable_impls(platform))}")
   instead = f"use model.impl=auto, {' or '.join(XLA_IMPLS)}"
   if cell.kernel not in kernels.FAMILIES[impl]:
     raise UserError(f"model.impl={impl} runs the cells {', '.join(kernels.FAMILIES[impl])}, "
@@ -38,9 +50,6 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
     dtypes = " or ".join(jnp.dtype(d).name for d in kernels.DTYPES[impl])
     raise UserError(f"model.impl={impl} runs {dtypes} only: set model.compute_dtype="
                     f"{jnp.dtype(kernels.DTYPES[impl][0]).name} or {instead}")
-  if impl == "cudnn" and (platform or jax.default_backend()) != "gpu":
-    raise UserError(f"model.impl=cudnn needs a GPU (this platform: "
-                    f"{platform or jax.default_backend()}); {instead}")
   if why := kernels.unavailable(impl):
     raise UserError(f"model.impl={impl} cannot run here: {why}; {instead}")
 

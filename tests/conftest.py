@@ -30,6 +30,18 @@ def pytest_configure(config):
   os.environ.setdefault("JAXRNN_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `gpu` are collected everywhere and skipped, saying why, where JAX has none."""
+  del config
+  import jax  # the test modules, collected by now, have imported it already
+  if (platform := jax.default_backend()) != "gpu":
+    skip = pytest.mark.skip(reason=f"needs a GPU (JAX's platform here: {platform}); "
+                            "scripts/gpu_check.py runs it on one (docs/devices.md)")
+    for item in items:
+      if "gpu" in item.keywords:
+        item.add_marker(skip)
+
+
 def _overrides(base: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
   """Dotted field -> value: `base`, then `sections` ({"train": {"steps": 3}, "task": ...})."""
   flat = {}
@@ -85,10 +97,11 @@ def tiny_flags(corpus) -> Callable[..., list[str]]:
   return flags
 
 
-def run_script(name: str, *args: str, devices: int | None = None,
-               timeout: int = 300) -> subprocess.CompletedProcess:
-  """scripts/<name> in a subprocess from the repository root; `devices` simulated CPU devices."""
-  env = dict(os.environ)
+def run_script(name: str, *args: str, devices: int | None = None, timeout: int = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """scripts/<name> in a subprocess from the repository root; `devices` simulated CPU devices,
+  `env` variables added to this process' environment."""
+  env = {**os.environ, **(env or {})}
   if devices is not None:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / name), *args], env=env,

@@ -398,7 +398,8 @@ def test_auto_evaluates_in_one_kernel_and_trains_in_the_other(own_openmp):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"impl": "cudnn"}, "model.impl=cudnn needs a GPU"),
+    ({"impl": "cudnn"}, r"model.impl=cudnn runs on a gpu only \(this platform: cpu\); use "
+                        "model.impl=auto, fused, scan, core, onednn$"),
     ({"impl": "onednn", "cell": "mingru"}, "runs the cells lstm, gru, not 'mingru'"),
     ({"impl": "onednn", "compute_dtype": "bfloat16"}, "runs float32 only"),
     ({"impl": "fast"}, "model.impl must be one of auto, fused, scan, core, onednn, cudnn"),

@@ -48,6 +48,9 @@ FAMILIES = {"core": ("lstm", "gru", "rnn_tanh", "rnn_relu"), "onednn": ("lstm", 
 # The products' operand types (model.compute_dtype) each kernel runs; accumulation is float32.
 DTYPES = {"core": (jnp.float32, jnp.bfloat16), "onednn": (jnp.float32,),
           "cudnn": (jnp.float32,)}
+# The JAX platform each kernel runs on: the CPU kernels are XLA:CPU custom calls, cuDNN a GPU
+# library; `layers.check` refuses any other pairing before anything is built.
+PLATFORMS = {"core": "cpu", "onednn": "cpu", "cudnn": "gpu"}
 _SUFFIX = {jnp.dtype(jnp.float32): "", jnp.dtype(jnp.bfloat16): "_bf16"}  # rnn_core.cc's handlers
 _CELL_ID = {"lstm": 0, "gru": 1}  # `Cell` in onednn_rnn.cc
 _HANDLERS = [f"jaxrnn_{family}_{p}" for family in _CELL_ID for p in ("infer", "train", "grad")]
