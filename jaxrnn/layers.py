@@ -99,33 +99,49 @@ def _fastest_here(cell: Cell, order: tuple[str, ...]) -> str | None:
   return None
 
 
-def resolve(cell: Cell, impl: str, hidden_size: int, steps: int,
-            platform: str | None = None) -> str:
+def float_dtypes(*trees) -> frozenset[jnp.dtype]:
+  """The dtypes of the floating-point arrays in `trees` (a layer's params, carry and inputs)."""
+  return frozenset(x.dtype for x in jax.tree.leaves(trees)
+                   if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def resolve(cell: Cell, impl: str, hidden_size: int, steps: int, platform: str | None = None,
+            buffers: frozenset[jnp.dtype] = frozenset({jnp.dtype(jnp.float32)})) -> str:
   """The implementation `impl` stands for: "auto" per the table above, others checked as given.
 
   One step at a time (sampling) stays in XLA: a kernel call per step costs more than the step.
+  `buffers` are the dtypes of the layer's float arrays (`float_dtypes`): every kernel keeps its
+  parameters and state in float32 (model.compute_dtype is its products' operands), so `auto`
+  sends any other (float64 under jax_enable_x64, say) to XLA, and a kernel named is refused.
   """
   platform = platform or jax.default_backend()
+  float32_buffers = buffers <= {jnp.dtype(jnp.float32)}
   if impl != "auto":
     check(cell, impl, platform)
+    if impl in kernels.LAYERS and not float32_buffers:
+      names = ", ".join(sorted(d.name for d in buffers))
+      raise UserError(f"model.impl={impl} takes float32 parameters, carries and inputs, not "
+                      f"{names}: cast them to float32, or use model.impl=auto, fused or scan")
     return impl
   float32 = cell.dtype == jnp.float32
+  # A kernel call's fixed cost outweighs its gain for one step (sampling) and below the sizes
+  # above; and a kernel keeps float32 buffers only.
+  kernel_sized = float32_buffers and steps > 1
   if platform == "cpu":
-    # The core's fixed cost per call, like oneDNN's, outweighs its gain below ONEDNN_MIN_HIDDEN.
-    if not float32 and steps > 1 and hidden_size >= ONEDNN_MIN_HIDDEN:
-      if core := _fastest_here(cell, CPU_BFLOAT16):  # the one kernel with bfloat16 operands
+    if kernel_sized and hidden_size >= ONEDNN_MIN_HIDDEN:
+      if not float32 and (core := _fastest_here(cell, CPU_BFLOAT16)):  # bfloat16 operands
         return core
-    if float32 and steps > 1 and hidden_size >= ONEDNN_MIN_HIDDEN:
-      infer = CPU_INFER
-      if _fastest_here(cell, CPU_INFER) == "onednn" and kernels.openmp_shared():
-        infer = CPU_INFER[::-1]  # oneDNN's OpenMP team would spin on another library's terms
-        kernels.warn_openmp_shared()
-      passes = [_fastest_here(cell, order) for order in (infer, CPU_TRAIN)]
-      if all(passes):
-        return passes[0] if passes[0] == passes[1] else "/".join(passes)
+      if float32:
+        infer = CPU_INFER
+        if _fastest_here(cell, CPU_INFER) == "onednn" and kernels.openmp_shared():
+          infer = CPU_INFER[::-1]  # oneDNN's OpenMP team would spin on another library's terms
+          kernels.warn_openmp_shared()
+        passes = [_fastest_here(cell, order) for order in (infer, CPU_TRAIN)]
+        if all(passes):
+          return passes[0] if passes[0] == passes[1] else "/".join(passes)
     return "fused" if cell.name in CPU_FUSED else "scan"
-  if (platform == "gpu" and float32 and cell.kernel in kernels.FAMILIES["cudnn"]
-      and hidden_size >= CUDNN_MIN_HIDDEN):
+  if (platform == "gpu" and kernel_sized and float32
+      and cell.kernel in kernels.FAMILIES["cudnn"] and hidden_size >= CUDNN_MIN_HIDDEN):
     return "cudnn"
   return "fused"
 
@@ -162,7 +178,8 @@ def run(cell: Cell, params: Params, carry: Carry, xs: jax.Array, *, unroll: int 
   (`kernels.LAYERS`: one call for the whole layer) or an XLA recurrence (`recurrence`).
   `unroll` is passed to `lax.scan`.
   """
-  impl = resolve(cell, impl, hidden(carry).shape[-1], xs.shape[1])
+  impl = resolve(cell, impl, hidden(carry).shape[-1], xs.shape[1],
+                 buffers=float_dtypes(params, carry, xs))
   if "/" in impl:  # inference / training kernels, batch-major
     return kernels.per_pass(*impl.split("/"))(cell.kernel, params, carry, xs, cell.dtype)
   if impl in kernels.LAYERS:  # batch-major, as the kernels take it

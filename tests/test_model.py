@@ -348,3 +348,31 @@ def test_the_folded_embedding_gives_the_embedded_tokens_values_and_gradients(nam
   for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(embedded), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, float(np.abs(b).max())))
   assert float(np.abs(embedded[1]["embed"]).max()) > 0  # the embedding does get gradients
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused", "scan", "core", "onednn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_float64_parameters_run_in_xla_or_are_refused(cell, impl):
+  """Under jax_enable_x64 with float64 parameters and carries, a 64-wide layer (where `auto`
+  picks a float32 kernel on a CPU): auto, fused and scan give the float64 scan's logits, which
+  are float32's to float32 precision; a kernel named is refused in one line, never fed float64
+  buffers (it read them as float32: logits off by 3.4, or NaN)."""
+  config = _config(cell, hidden_size=64, impl="scan")
+  params32 = model.init(jax.random.key(0), config, V)
+  carry32 = model.initial_carry(config, B)
+  want32 = model.apply(params32, carry32, _tokens(), model_config=config)[1]
+  with jax.enable_x64(True):
+    to64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+    params, carry = to64(params32), to64(carry32)
+    want = model.apply(params, carry, _tokens(), model_config=config)[1]
+    config.impl = impl
+    if impl in kernels.LAYERS:
+      with pytest.raises(UserError, match=f"^model.impl={impl} takes float32 parameters, "
+                         "carries and inputs, not float64: cast them to float32, or use "
+                         "model.impl=auto, fused or scan$"):
+        model.apply(params, carry, _tokens(), model_config=config)
+      return
+    got = _jit_apply(config)(params, carry, _tokens())[1]
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(want, want32, atol=1e-5)
