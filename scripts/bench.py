@@ -47,7 +47,11 @@ flags.DEFINE_integer("steps", 10, "Timed calls per round.")
 flags.DEFINE_integer("rounds", 5, "Interleaved rounds; the median is reported.")
 flags.DEFINE_integer("warmup", 3, "Untimed calls per implementation before the rounds.")
 flags.DEFINE_string("peers", "torch,flax", "Comma list of peers (torch, flax); missing: skipped.")
-flags.DEFINE_string("seq_sweep", "32,64,256,1024", "Sequence lengths of the jaxrnn lstm sweep.")
+flags.DEFINE_string("seq_sweep", "32,64,256,1024", "Sequence lengths of the jaxrnn lstm sweep "
+                    "('': none).")
+flags.DEFINE_string("memory_seqs", "64,1024", "Sequence lengths at which the compiled training "
+                    "step's memory is read ('': none).")
+flags.DEFINE_string("measures", "train,eval,sample", "Comma list of what to time per cell.")
 flags.DEFINE_string("device", "cpu",
                     "JAX platform: cpu, gpu (CUDA) or tpu; torch follows gpu to cuda.")
 flags.DEFINE_bool("quick", False, "Tiny sizes for the test suite; flags given explicitly win.")
@@ -66,7 +70,13 @@ _PEER_CELLS = {"rnn": ("RNN", "SimpleCell"), "gru": ("GRU", "GRUCell"),
                "lstm": ("LSTM", "OptimizedLSTMCell")}  # torch.nn class, flax.linen cell
 _LANES, _CHUNK = 16, 256  # evaluation batch
 _SAMPLES, _PREFIX, _LENGTH = 4, 100, 500
-_MEMORY_SEQS = (64, 1024)
+_MEASURES = ("train", "eval", "sample")
+# Dense peak TFLOP/s of the GPUs jaxrnn is checked on (NVIDIA's datasheets, SXM boards), by the
+# products' operands: float32 runs at the TF32 tensor-core peak, since JAX's default precision
+# and cuDNN take TF32 products on these cards (and the bench lets PyTorch do the same).
+_GPU_PEAK_TFLOPS = {"H100": {"float32": 494.7, "bfloat16": 989.4},
+                    "H200": {"float32": 494.7, "bfloat16": 989.4},
+                    "A100": {"float32": 156.0, "bfloat16": 312.0}}
 Data = dict[str, Any]  # numpy (inputs, targets) for "train" and "eval", prefix<int>[p]
 Fns = dict[str, Callable[[], int]]  # measure -> one call, returning the tokens or chars it did
 
@@ -149,6 +159,9 @@ def _torch(cell: str, hidden: int, data: Data) -> Fns:
   torch.manual_seed(0)
   gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
   dev = torch.device("cuda" if gpu else "cpu")
+  # TF32 products as jaxrnn's rows take them (JAX's default precision on a GPU); PyTorch's
+  # cuDNN RNNs take them by default, its matrix products (the head) only when asked.
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = gpu
   sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
   embed = torch.nn.Embedding(FLAGS.vocab, FLAGS.embed)
   rnn = getattr(torch.nn, _PEER_CELLS[cell][0])(FLAGS.embed, hidden,
@@ -323,15 +336,19 @@ def _timed(fns: dict[str, Callable[[], int]], calls: int, warmup: int, unit: str
     for _ in range(warmup):
       fn()
   rounds = {name: [] for name in fns}
+  seconds = {name: [] for name in fns}  # per call
   for _ in range(FLAGS.rounds):
     for name, fn in fns.items():
       fn()
       tick = time.perf_counter()
       units = sum(fn() for _ in range(calls))
-      rounds[name].append(units / (time.perf_counter() - tick))
+      elapsed = time.perf_counter() - tick
+      rounds[name].append(units / elapsed)
+      seconds[name].append(elapsed / calls)
   first = statistics.median(next(iter(rounds.values())))
   return {name: {"median": statistics.median(r), "unit": unit, "rounds": r,
                  "ratio": first / statistics.median(r),
+                 "ms_per_call": 1e3 * statistics.median(seconds[name]),
                  "gflops": statistics.median(r) * flops_per_unit / 1e9 if flops_per_unit else None}
           for name, r in rounds.items()}
 
@@ -389,7 +406,14 @@ def _machine() -> tuple[dict[str, Any], dict[str, Any]]:
   per_cycle, isa = ((64, "avx512f") if "avx512f" in cpu_flags and not amd else
                     (32, "avx2+fma, or avx512f on AMD") if {"avx2", "fma"} <= cpu_flags
                     else (None, None))
-  if dev.platform != "cpu" or mhz is None or per_cycle is None:
+  if dev.platform == "gpu":
+    peaks = [p for card, p in _GPU_PEAK_TFLOPS.items() if card in dev.device_kind]
+    if not peaks:
+      return machine, {"gflops": None, "how": f"n/a (no datasheet peak for {dev.device_kind})"}
+    tflops = peaks[0][FLAGS.compute_dtype]
+    return machine, {"gflops": tflops * 1e3, "how": f"{dev.device_kind} datasheet, dense "
+                     f"{'TF32' if FLAGS.compute_dtype == 'float32' else 'bfloat16'} tensor cores"}
+  if mhz is None or per_cycle is None:
     return machine, {"gflops": None, "how": "n/a"}
   ghz = float(mhz) / 1e3
   how = f"{cores} cores x {ghz:.3f} GHz ({source}) x {per_cycle} FLOPs/cycle ({isa})"
@@ -401,7 +425,8 @@ def _print(out: dict[str, Any]) -> None:
   m, peak = out["machine"], out["peak"]["gflops"]
   print(f"machine: {m['device']}, {m['cores']} cores, {m['platform']} | jax {m['jax']}, "
         f"torch {m['torch']}, flax {m['flax']}")
-  print(f"peak: {peak:.1f} GFLOP/s fp32 = {out['peak']['how']}" if peak else "peak: n/a")
+  print(f"peak: {peak:,.1f} GFLOP/s = {out['peak']['how']}" if peak else
+        f"peak: {out['peak']['how']}")
   print("model.impl=auto runs: " + ", ".join(f"{c} {i}" for c, i in out["auto"].items()))
   print(f"{'cell':11} {'measure':12} {'impl':16} {'median':>12} {'unit':6} {'jaxrnn/x':>8} "
         f"{'GFLOP/s':>8} %peak")
@@ -425,6 +450,10 @@ def main(argv: list[str]) -> None:
   for name, value in _QUICK.items() if FLAGS.quick else ():
     if not FLAGS[name].present:
       FLAGS[name].value = value
+  if FLAGS.device == "gpu":
+    # Every row is a process of its own on the one GPU: none may take 75% of its memory at
+    # start, as JAX does by default (its children inherit this).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   jax.config.update("jax_platforms", {"gpu": "cuda"}.get(FLAGS.device, FLAGS.device))
   if not FLAGS.serve.startswith(tuple(_PEERS)):
     cli.tune_process()  # as jaxrnn's scripts run; the peers run as their users run them
@@ -450,11 +479,11 @@ def main(argv: list[str]) -> None:
         fns[row] = {m: functools.partial(process.call, "run", m) for m in measures}
       per_token = _forward_flops_per_token(cell, hidden)
       pick = lambda measure: {name: f[measure] for name, f in fns.items() if measure in f}
-      results[spec] = {
-          "train": _timed(pick("train"), FLAGS.steps, FLAGS.warmup, "tok/s", 3 * per_token),
-          "eval": _timed(pick("eval"), FLAGS.steps, FLAGS.warmup, "tok/s", per_token),
-          "sample": _timed(pick("sample"), 1, 1, "char/s")}
-    memory = {row: {str(t): _memory_mib("lstm", t, impl) for t in _MEMORY_SEQS}
+      timing = {"train": (FLAGS.steps, FLAGS.warmup, "tok/s", 3 * per_token),
+                "eval": (FLAGS.steps, FLAGS.warmup, "tok/s", per_token),
+                "sample": (1, 1, "char/s")}
+      results[spec] = {m: _timed(pick(m), *timing[m]) for m in _split(FLAGS.measures)}
+    memory = {row: {t: _memory_mib("lstm", int(t), impl) for t in _split(FLAGS.memory_seqs)}
               for row, impl in rows.items()}
     for row, impl in rows.items() if _split(FLAGS.seq_sweep) else ():
       fns = {t: _jaxrnn("lstm", FLAGS.hidden, {**data, "train": _tokens(FLAGS.batch, int(t))},
@@ -469,7 +498,8 @@ def main(argv: list[str]) -> None:
   finally:
     for process in processes.values():
       process.close()
-  used = (*_QUICK, "layers", "vocab", "cells", "peers", "impls", "device")
+  used = (*_QUICK, "layers", "vocab", "cells", "peers", "impls", "device", "measures",
+          "memory_seqs", "compute_dtype")
   specs = {spec: _cell_spec(spec) for spec in _split(FLAGS.cells)}
   auto = {spec: layers.resolve(cells.get(cell, compute_dtype=FLAGS.compute_dtype), "auto",
                                hidden, FLAGS.seq) for spec, (cell, hidden) in specs.items()}

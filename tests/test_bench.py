@@ -54,3 +54,53 @@ def test_malformed_cell_spec_is_a_clear_error(tmp_path):
                          "--cells=lstm:big", "--peers=", f"--out={tmp_path / 'b.json'}"],
                         capture_output=True, text=True, timeout=300, cwd=REPO)
   assert proc.returncode == 2 and "cell:hidden" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _gpu_check():
+  """scripts/gpu_check.py as a module (its flags defined once per test process)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_gpu_check_counts_tests_and_tabulates_the_bench(tmp_path):
+  """The GPU check's summary: pytest's JUnit XML counted (a failure named with its message's
+  first line), and each bench row's ratio to PyTorch and share of the card's peak."""
+  check = _gpu_check()
+  xml = tmp_path / "t.xml"
+  xml.write_text(
+      '<testsuites><testsuite><testcase classname="tests.test_gpu" name="a"/>'
+      '<testcase classname="tests.test_gpu" name="b"><failure message="assert 1 == 2&#10;more"/>'
+      '</testcase><testcase classname="tests.test_gpu" name="c"><skipped message="no"/>'
+      '</testcase><testcase classname="tests.test_gpu" name="d"><error message="boom"/>'
+      '</testcase></testsuite></testsuites>')
+  counts = check.junit_counts(xml)
+  assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 2, 1)
+  assert counts["failures"] == ["tests.test_gpu::b: assert 1 == 2", "tests.test_gpu::d: boom"]
+  assert check.junit_counts(tmp_path / "missing.xml")["failures"] == [
+      "no report: pytest did not end"]
+  bench = {"peak": {"gflops": 1000.0}, "results": {"lstm": {"train": {
+      "jaxrnn[fused]": {"median": 300.0, "unit": "tok/s", "ms_per_call": 2.0, "gflops": 250.0},
+      "torch": {"median": 200.0, "unit": "tok/s", "ms_per_call": 3.0, "gflops": 100.0}}}}}
+  rows = check.bench_rows(bench, "2x256 b64 s128", "float32")
+  assert [(r["impl"], r["x_torch"], r["pct_peak"]) for r in rows] == [
+      ("jaxrnn[fused]", 1.5, 25.0), ("torch", None, 10.0)]
+  text = check.table(rows, {"2x256 b64 s128 float32 lstm": "fused"})
+  assert "jaxrnn[fused]" in text and "1.50" in text and text.endswith("-> fused\n")
+
+
+@pytest.mark.slow  # three minutes on 2 cores: a pytest collection, two benches, a recipe
+def test_gpu_check_dry_run_writes_its_summary(tmp_path):
+  """--dry_run on a CPU: every phase runs at toy sizes, the GPU tests counted as skipped, and
+  gpu_check.json and bench.txt are written."""
+  proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry_run",
+                         f"--out={tmp_path / 'out'}", f"--work={tmp_path / 'work'}"],
+                        capture_output=True, text=True, timeout=900, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr
+  summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+  assert summary["tests"]["skipped"] > 0 and summary["tests"]["failed"] == 0
+  assert {r["cell"] for r in summary["bench"]} == {"lstm", "gru"}
+  assert summary["recipes"]["shakespeare_gpu"]["final"]["step"] == 4
+  assert "x torch" in (tmp_path / "out" / "bench.txt").read_text()
