@@ -12,6 +12,7 @@ a run in its workdir; `load_run` reads a run back for evaluation and sampling.
 """
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import json
@@ -34,12 +35,13 @@ from orbax.checkpoint import checkpoint_managers
 
 from jaxrnn import UserError, blocks, config as config_lib, data, kernels, layers
 
-# Config fields that change the shape of the params, the optimizer state or the carried state,
-# or what the saved data position (batches drawn) points at: a resumed run must keep them.
-FROZEN_FIELDS = ("task", "model.cell", "model.hidden_size", "model.num_layers", "model.embed_dim",
-                 "model.one_hot", "model.bidirectional", "model.num_classes", "data.corpus",
-                 "data.tokens", "data.batch_size", "data.seq_len", "train.optimizer",
-                 "model.tie_embedding", "train.asgd_patience")
+# Config fields a resumed run must keep although they may leave every shape as it was: the
+# model's kind, what the saved data position (batches drawn) points at, the optimizer's kind.
+# Every field that shapes the params, the optimizer state or the carried state is found by
+# `check_compatible` from the shapes themselves, so that no new field can be forgotten here.
+FROZEN_FIELDS = ("task", "model.cell", "model.block", "data.corpus", "data.tokens",
+                 "data.batch_size", "data.seq_len", "train.optimizer", "train.asgd_patience")
+Shapes = Callable[[ml_collections.ConfigDict], Any]  # config -> abstract (state, carry)
 HISTORY = ("val_rows", "val_losses", "guard")  # meta lists a resumed run continues
 
 
@@ -263,17 +265,58 @@ def config_and_vocab(meta: dict[str, Any]) -> tuple[ml_collections.ConfigDict, d
           data.Vocab.from_json(json.dumps(meta["vocab"])))
 
 
-def check_compatible(saved: ml_collections.ConfigDict, config: Any) -> None:
-  """Refuses to resume with a config that changes any of FROZEN_FIELDS, naming the field."""
-  for field in FROZEN_FIELDS:
-    before, now = config_lib.field(saved, field), config_lib.field(config, field)
-    if before != now:
-      raise UserError(f"{field} is {now!r} but the checkpoint in this workdir was trained with "
-                      f"{before!r}; keep it, or use a new --workdir")
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  """Every field of `config` by its dotted name."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _shaped(shapes: Shapes, config: ml_collections.ConfigDict) -> Any:
+  """The structure, shapes and dtypes of what `config` trains; None if it cannot be built."""
+  try:
+    abstract = shapes(config)
+  except Exception:  # a field changed alone may leave no valid model: it shapes one
+    return None
+  return jax.tree.structure(abstract), [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)]
+
+
+def check_compatible(saved: ml_collections.ConfigDict, config: Any,
+                     shapes: Shapes | None = None) -> None:
+  """Refuses to resume with a config that changes one of FROZEN_FIELDS, or, given `shapes`, any
+  field that changes the shape of the params, the optimizer state or the carried state (each
+  field that differs is tried alone on the saved config); names the field and both values."""
+  before_all, now_all = _leaves(saved), _leaves(config)
+  changed = [f for f in now_all if f in before_all and before_all[f] != now_all[f]]
+  shaping = [f for f in changed if f in FROZEN_FIELDS]
+  if not shaping and changed and shapes is not None:
+    want = _shaped(shapes, saved)
+    if _shaped(shapes, config) != want:
+      for field in changed:
+        alone = copy.deepcopy(saved)
+        *path, leaf = field.split(".")
+        node = alone
+        for part in path:
+          node = node[part]
+        with node.ignore_type():
+          node[leaf] = now_all[field]
+        if _shaped(shapes, alone) != want:
+          shaping.append(field)
+      shaping = shaping or changed  # only together: name them all
+  if shaping:
+    field = shaping[0]
+    also = f" (and {', '.join(shaping[1:])})" if shaping[1:] else ""
+    raise UserError(f"{field} is {now_all[field]!r}{also} but the checkpoint in this workdir was "
+                    f"trained with {before_all[field]!r}; keep it, or use a new --workdir")
 
 
 def resume(mngr: ocp.CheckpointManager, state: Any, carry: Any, config: Any,
-           vocab: data.Vocab) -> tuple[Any, Any, int, dict[str, list]]:
+           vocab: data.Vocab, shapes: Shapes | None = None
+           ) -> tuple[Any, Any, int, dict[str, list]]:
   """(state, carry, data position, history) of the checkpoint to continue from; the inputs, 0
   and an empty history if there is none. `history` has a list per HISTORY key.
 
@@ -281,14 +324,15 @@ def resume(mngr: ocp.CheckpointManager, state: Any, carry: Any, config: Any,
   when the latest was not itself written by a run started from there: then the steps after
   it are moved aside (into <workdir>/damaged/, by the main process), so that the run trains
   past them, and later runs of the same command resume from the latest again. Refuses a
-  config or vocabulary the checkpoint was not trained with. Unreadable steps newer than the
-  one restored are moved aside too.
+  config or vocabulary the checkpoint was not trained with (`check_compatible`, with
+  `shapes`: a config's abstract (state, carry)). Unreadable steps newer than the one restored
+  are moved aside too.
   """
   if mngr.latest_step() is None:
     return state, carry, 0, {key: [] for key in HISTORY}
   flag = "train.resume_step"
   latest_config, saved_vocab = config_and_vocab(read_meta(mngr, "latest", flag))
-  check_compatible(latest_config, config)
+  check_compatible(latest_config, config, shapes)
   if saved_vocab.tokens != vocab.tokens:
     raise UserError("the corpus' vocabulary differs from the one this workdir's checkpoint was "
                     "trained with; use the same corpus, or a new --workdir")

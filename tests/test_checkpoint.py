@@ -473,3 +473,51 @@ def test_without_the_kernel_eval_says_the_fallback_once(ckpt_config, tmp_path, m
   lm.make_evaluator(saved)(params, splits["val"])
   err = capsys.readouterr().err
   assert err.count("simulated: not built") == 1 and err.count("onednn") == 1, err
+
+
+@pytest.mark.parametrize("block, field, value", [
+    (dict(block="griffin", cell="rglru", num_heads=4, hidden_size=16), "num_heads", 2),
+    (dict(block="griffin", cell="rglru", num_heads=4, hidden_size=16), "mlp_expansion", 4),
+    (dict(block="griffin", cell="rglru", hidden_size=16), "conv_width", 3),
+    (dict(block="xlstm", cell="mlstm", num_heads=2), "num_heads", 4),
+    (dict(block="xlstm", cell="mlstm", num_heads=2), "expand", 5),  # 16 x 3 rounds up to 64 too
+    (dict(block="xlstm", cell="mlstm", num_heads=2, num_layers=2), "slstm_at", (1,)),
+    (dict(block="mamba", cell="mamba"), "state_size", 8),
+    (dict(block="mamba", cell="mamba"), "dt_rank", 3),
+    (dict(cell="lstm", num_layers=2), "block", "residual"),
+    (dict(cell="gru"), "hidden_size", 24),
+    (dict(cell="lstm", tie_embedding=False), "embed_dim", 12),
+])
+def test_a_field_that_shapes_the_model_cannot_change_on_resume(tiny_config, block, field, value):
+  """Every field whose change would reshape the params, the optimizer state or the carry is
+  refused by name, found from the shapes (no list to keep up to date); fields that shape
+  nothing (steps, dropout, lr) pass."""
+  saved = tiny_config(model=block)
+  shapes = lambda c: train.abstract_state(c, vocab_size=20)
+  checkpoint.check_compatible(saved, tiny_config(model={**block, "dropout": 0.3},
+                                                 train={"steps": 50, "lr": 0.5}), shapes)
+  changed = tiny_config(model={**block, field: value})
+  before = saved.model[field]
+  with pytest.raises(UserError) as e:
+    checkpoint.check_compatible(saved, changed, shapes)
+  assert str(e.value) == (f"model.{field} is {value!r} but the checkpoint in this workdir was "
+                          f"trained with {before!r}; keep it, or use a new --workdir")
+
+
+def test_resuming_griffin_with_other_heads_is_refused_and_changes_nothing(tiny_flags, script,
+                                                                          tmp_path):
+  """train.py on a griffin run (4 heads) resumed with num_heads=2: exit 2, one line naming the
+  field, and the workdir as it was (config.json, checkpoints)."""
+  workdir = tmp_path / "run"
+  model = {"block": "griffin", "cell": "rglru", "num_heads": 4, "hidden_size": 16}
+  first = script("train.py", *tiny_flags(workdir, model=model, train={"steps": 2}))
+  assert first.returncode == 0, first.stderr
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != "lock"}
+  proc = script("train.py", *tiny_flags(workdir, model={**model, "num_heads": 2},
+                                        train={"steps": 4}))
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "error: model.num_heads is 2 but the checkpoint in this workdir was trained with 4; keep "
+      "it, or use a new --workdir"]
+  after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != "lock"}
+  assert after == before
