@@ -59,8 +59,14 @@ class BuildKernels(build_ext):
 # rnn_core.cc per instruction set: (flags, floats per vector). -ffp-contract=fast makes a * b + c
 # one fused multiply-add, as the kernel's products and polynomials are written to be;
 # avx512bf16 takes bfloat16 products with AVX512-BF16's dot product (the others with FMAs).
-CORE_BUILDS = {"avx512bf16": (["-mavx512f", "-mavx512bf16", "-mfma", "-DJAXRNN_BF16_DOT"], 16),
-               "avx512": (["-mavx512f", "-mfma"], 16), "avx2": (["-mavx2", "-mfma"], 8)}
+# Each build names its whole instruction set (-march, last, wins over a user's CFLAGS such as
+# -march=native) and turns off what it must not use, so that no build holds an instruction its
+# loader (`kernels._core_isas`) does not check the CPU for.
+_BASE = ["-march=x86-64-v2", "-mtune=generic", "-mavx2", "-mfma"]  # what every build may use
+CORE_BUILDS = {
+    "avx512bf16": ([*_BASE, "-mavx512f", "-mavx512bf16", "-mno-amx-tile", "-DJAXRNN_BF16_DOT"], 16),
+    "avx512": ([*_BASE, "-mavx512f", "-mno-avx512bf16", "-mno-amx-tile"], 16),
+    "avx2": ([*_BASE, "-mno-avx512f"], 8)}
 x86_64 = platform.machine() in ("x86_64", "AMD64")
 ffi_include = _ffi_include()
 extensions = [

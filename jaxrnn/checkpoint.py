@@ -14,7 +14,6 @@ a run in its workdir; `load_run` reads a run back for evaluation and sampling.
 import contextlib
 import copy
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -410,6 +409,33 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   return path
 
 
+def _try_lock(f: Any) -> bool:
+  """Locks the open file `f` for this process without waiting: False if another holds it.
+  flock on Linux and macOS, msvcrt on Windows; where neither exists, a note and no lock."""
+  try:
+    import fcntl
+  except ImportError:  # Windows
+    fcntl = None
+  if fcntl is not None:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except BlockingIOError:
+      return False
+  try:
+    import msvcrt
+  except ImportError:
+    _warn("note: this platform has no file locks: make sure one run at a time trains in a "
+          "workdir")
+    return True
+  f.seek(0)
+  try:
+    msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    return True
+  except OSError:
+    return False
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: pathlib.Path, enabled: bool = True) -> Iterator[None]:
   """Holds <workdir>/lock while one run trains there: a second run is refused, naming the
@@ -419,11 +445,12 @@ def workdir_lock(workdir: pathlib.Path, enabled: bool = True) -> Iterator[None]:
     yield
     return
   with open(workdir / "lock", "a+") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _try_lock(f):
       f.seek(0)
-      holder = f.read().strip() or "another process"
+      try:
+        holder = f.read().strip() or "another process"
+      except OSError:  # Windows: the locked byte cannot be read
+        holder = "another process"
       raise UserError(f"{workdir} is in use by a training run ({holder}); wait for it to end, "
                       "or use another --workdir") from None
     f.seek(0)

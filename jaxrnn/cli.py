@@ -9,7 +9,7 @@ import os
 import pathlib
 import sys
 import traceback
-from typing import Callable, Mapping, NoReturn
+from typing import Any, Callable, Mapping, NoReturn
 
 from absl import app, flags
 
@@ -133,23 +133,64 @@ def _glibc_version() -> tuple[int, ...] | None:
   return tuple(int(part) for part in version().decode().split(".")[:2])
 
 
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True,
+           "0": False, "false": False, "no": False, "off": False}
+
+
+def _huge_pages_wanted(environ: Mapping[str, str]) -> bool:
+  """JAXRNN_HUGE_PAGES as a user would write it (unset, 1, yes, on: wanted; 0, no, off: not);
+  "done" marks a process `restart_with_huge_pages` started. A UserError for anything else."""
+  value = environ.get("JAXRNN_HUGE_PAGES", "1").strip().lower()
+  if value == "done":
+    return False
+  if value not in _SWITCH:
+    raise UserError(f"JAXRNN_HUGE_PAGES must be 1 or 0 (yes / no, on / off), got "
+                    f"{environ['JAXRNN_HUGE_PAGES']!r}")
+  return _SWITCH[value]
+
+
 def huge_page_env(environ: Mapping[str, str], thp_mode: str | None = None) -> dict[str, str] | None:
   """`environ` with GLIBC_TUNABLES=MALLOC_TUNABLES (and JAXRNN_HUGE_PAGES=done), where a process
   started with it gets huge pages: glibc 2.35 or later, and the kernel's transparent huge pages
   (`thp_mode`, default this host's) "madvise" or "always". None otherwise, where the user tunes
-  malloc (GLIBC_TUNABLES, MALLOC_* variables), or where JAXRNN_HUGE_PAGES is set (0: off)."""
-  if ("JAXRNN_HUGE_PAGES" in environ or _malloc_tuned(environ)
+  malloc (GLIBC_TUNABLES, MALLOC_* variables), or turns it off (JAXRNN_HUGE_PAGES=0)."""
+  if (not _huge_pages_wanted(environ) or _malloc_tuned(environ)
       or (thp_mode or _thp_mode()) not in ("always", "madvise")
       or (_glibc_version() or (0,)) < (2, 35)):
     return None
   return {**environ, "GLIBC_TUNABLES": MALLOC_TUNABLES, "JAXRNN_HUGE_PAGES": "done"}
 
 
+# Interpreter options that take the next argument as their value (python --help).
+_VALUED_OPTIONS = ("-W", "-X", "--check-hash-based-pycs")
+
+
+def _wrapped(options: list[str]) -> bool:
+  """Whether the arguments before the script hold a program of their own (coverage run, a
+  debugger's launcher, memray): a word that is no interpreter option nor an option's value."""
+  i = 0
+  while i < len(options):
+    if not options[i].startswith("-"):
+      return True
+    i += 2 if options[i] in _VALUED_OPTIONS else 1
+  return False
+
+
+def _restarted() -> None:
+  """In a process `restart_with_huge_pages` started: the environment as the user gave it, for
+  the processes this one starts (glibc read the tunables when this one started; a child that
+  kept them would keep its freed memory too, and a jaxrnn script among them restarts itself)."""
+  os.environ.pop("GLIBC_TUNABLES", None)  # the user had none: `_malloc_tuned` checked
+  os.environ.pop("JAXRNN_HUGE_PAGES", None)
+
+
 def restart_with_huge_pages(script: str) -> None:
   """Runs `script` (the caller's __file__) again in its own process (`os.execve`: the same pid,
   interpreter options, arguments and streams) under `huge_page_env`, where that changes
   anything, once; returns where it does not, and where `script` is not the program Python was
-  started with (run by a debugger, IPython or another program's runpy, from stdin, or by -m).
+  started with (run by a debugger, IPython or another program's runpy, from stdin, by -m, or
+  by a wrapper such as `coverage run`, which a restart would run again). The restarted process
+  gives its children the environment the user gave it.
 
   XLA's CPU runtime takes each step's large buffers straight from the kernel (past a thread's
   64 MB malloc heap), so on 4 KB pages every step faults them in again: 60,000 faults per LSTM
@@ -157,12 +198,18 @@ def restart_with_huge_pages(script: str) -> None:
   reads its tunables only at process start, hence the restart; a script calls this first,
   before jax is imported, so that the restart costs only Python's start.
   """
-  env = huge_page_env(os.environ)
+  if os.environ.get("JAXRNN_HUGE_PAGES") == "done":
+    _restarted()
+    return
+  try:
+    env = huge_page_env(os.environ)
+  except UserError as e:
+    _fail(str(e))
   started = sys.orig_argv[1:]
   options = started[:len(started) - len(sys.argv)]  # the interpreter's own, before the script
   if (env is None or not sys.executable or started[len(options):] != sys.argv
-      or "-m" in options or "-c" in options or not os.path.isfile(sys.argv[0])
-      or not os.path.samefile(sys.argv[0], script)):
+      or "-m" in options or "-c" in options or _wrapped(options)
+      or not os.path.isfile(sys.argv[0]) or not os.path.samefile(sys.argv[0], script)):
     return
   for stream in (sys.stdout, sys.stderr):
     if stream is not None:  # None: the stream was closed when the process started
@@ -186,7 +233,10 @@ def keep_freed_memory() -> bool:
   """
   if _malloc_tuned(os.environ):
     return False
-  mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+  try:
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+  except (OSError, TypeError):  # Windows: no C library of the process to open by name
+    return False
   if mallopt is None:  # not glibc (macOS)
     return False
   return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED.values())
@@ -211,6 +261,45 @@ def run_inline() -> None:
   jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+class _Unbroken:
+  """A text stream whose reader may go away (`train.py | head -1`): where a write or flush meets
+  a broken pipe, the stream's file descriptor is pointed at os.devnull and the process goes on,
+  as `tee -p` does, so that a run still saves its checkpoints and a script ends without a
+  traceback."""
+
+  def __init__(self, stream: Any):
+    self._stream = stream
+
+  def _silence(self) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, self._stream.fileno())
+    os.close(devnull)
+
+  def write(self, text: str) -> int:
+    try:
+      return self._stream.write(text)
+    except BrokenPipeError:
+      self._silence()
+      return len(text)
+
+  def flush(self) -> None:
+    try:
+      self._stream.flush()
+    except BrokenPipeError:
+      self._silence()
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._stream, name)
+
+
+def survive_closed_pipes() -> None:
+  """sys.stdout and sys.stderr as `_Unbroken` streams (once; a closed stream stays None)."""
+  for name in ("stdout", "stderr"):
+    stream = getattr(sys, name)
+    if stream is not None and not isinstance(stream, _Unbroken):
+      setattr(sys, name, _Unbroken(stream))
+
+
 def tune_process() -> None:
   """What jaxrnn's scripts set in their process before its first computation:
   `keep_freed_memory()` and `run_inline()`."""
@@ -220,7 +309,8 @@ def tune_process() -> None:
 
 def run(main: Callable[[list[str]], None]) -> None:
   """`absl.app.run(main)` after `tune_process()`, where a UserError from main ends the script
-  with one line."""
+  with one line, and a reader that goes away (`| head`) ends nothing (`survive_closed_pipes`)."""
+  survive_closed_pipes()
   tune_process()
 
   @functools.wraps(main)

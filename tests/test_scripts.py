@@ -406,7 +406,8 @@ print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], sys.
 def test_a_script_restarts_itself_once_where_the_host_gives_huge_pages(tmp_path):
   """restart_with_huge_pages: where this host's kernel and glibc give huge pages, the script
   runs again once (the same pid, interpreter options and arguments), with the tunables set and
-  before jax is imported; elsewhere, or run as `-c` code, it goes on as it was."""
+  before jax is imported, and gives its children the environment it was given; elsewhere, or
+  run as `-c` code, it goes on as it was."""
   from jaxrnn import cli
   script = tmp_path / "restart.py"
   script.write_text(_RESTART)
@@ -424,7 +425,7 @@ def test_a_script_restarts_itself_once_where_the_host_gives_huge_pages(tmp_path)
   if restarts:
     assert [line[0] for line in lines] == ["start", "start", "after"], proc.stdout
     assert lines[0][2] == "None" and lines[1][1] == pid == lines[2][1], proc.stdout
-    assert lines[2][2] == cli.MALLOC_TUNABLES, proc.stdout
+    assert lines[1][2] == cli.MALLOC_TUNABLES and lines[2][2] == "None", proc.stdout
   else:
     assert [line[0] for line in lines] == ["start", "after"], proc.stdout
     assert lines[1][1] == pid and lines[1][2] == "None", proc.stdout
@@ -432,3 +433,66 @@ def test_a_script_restarts_itself_once_where_the_host_gives_huge_pages(tmp_path)
   code = subprocess.run([sys.executable, "-c", _RESTART.replace("__file__", "'-c'")],
                         capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
   assert [line.split()[0] for line in code.stdout.splitlines()] == ["start", "after"], code.stderr
+
+
+
+def test_huge_pages_take_what_a_user_would_type():
+  """JAXRNN_HUGE_PAGES: 1 / yes / on (any case) or unset restart, 0 / no / off do not, and
+  anything else is a one-line error naming the variable."""
+  from jaxrnn import UserError, cli
+  wanted = {v: cli._huge_pages_wanted({"JAXRNN_HUGE_PAGES": v})
+            for v in ("1", "yes", "On", "TRUE", "0", "no", "off", "false", "done")}
+  assert wanted == {"1": True, "yes": True, "On": True, "TRUE": True, "0": False, "no": False,
+                    "off": False, "false": False, "done": False}
+  assert cli._huge_pages_wanted({})
+  with pytest.raises(UserError, match="^JAXRNN_HUGE_PAGES must be 1 or 0 .*, got 'maybe'$"):
+    cli._huge_pages_wanted({"JAXRNN_HUGE_PAGES": "maybe"})
+
+
+def test_the_restart_leaves_wrapper_programs_alone():
+  """Arguments before the script that hold a program (coverage run, a debugger's launcher) are
+  not restarted under: the restart would run the wrapper again; interpreter options are."""
+  from jaxrnn import cli
+  assert not cli._wrapped([]) and not cli._wrapped(["-X", "dev", "-W", "ignore", "-u", "-O"])
+  assert cli._wrapped(["/usr/bin/coverage", "run"]) and cli._wrapped(["-u", "memray", "run"])
+
+
+def test_jaxrnn_trains_where_the_c_library_cannot_be_opened_by_name(tiny_flags, tmp_path):
+  """Windows (simulated: ctypes.CDLL(None) raises TypeError, no fcntl, no /proc): train.py
+  starts, falls back to XLA with a note, trains and saves."""
+  shim = tmp_path / "sitecustomize.py"
+  shim.write_text(
+      "import ctypes, sys\n"
+      "class _CDLL(ctypes.CDLL):\n"
+      "  def __init__(self, name, *a, **k):\n"
+      "    if name is None: raise TypeError('expected str, bytes or os.PathLike, not NoneType')\n"
+      "    super().__init__(name, *a, **k)\n"
+      "ctypes.CDLL = _CDLL\n"
+      "sys.modules['fcntl'] = None\n")
+  from conftest import run_script
+  proc = run_script("train.py", *tiny_flags(tmp_path / "run"), env={
+      "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 5
+  assert "note: this platform has no file locks" in proc.stderr
+
+
+def test_a_reader_that_goes_away_stops_no_run(tiny_flags, tmp_path):
+  """`train.py ... 2>&1 | head -1` trains to the end and saves; `sample.py ... | head -3` ends
+  with status 0 and no traceback, as Unix tools do."""
+  workdir = tmp_path / "run"
+  flags = tiny_flags(workdir, train={"steps": 30, "log_every": 1, "ckpt_every": 10})
+  script = lambda name, *args: " ".join([sys.executable, str(REPO / "scripts" / name),
+                                         *(f"'{a}'" for a in args)])
+  train = subprocess.run(["bash", "-c", f"{script('train.py', *flags)} 2>&1 | head -1; "
+                          "exit ${PIPESTATUS[0]}"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+  assert train.returncode == 0 and len(train.stdout.splitlines()) == 1
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["step"] == 30 and (workdir / "checkpoints" / "30").is_dir()
+  samples = script("sample.py", f"--workdir={workdir}", "--num_samples=200", "--length=50")
+  sample = subprocess.run(["bash", "-c", f"{samples} 2>{tmp_path / 'err'} | head -3; "
+                           "exit ${PIPESTATUS[0]}"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+  assert sample.returncode == 0 and len(sample.stdout.splitlines()) == 3
+  assert "Traceback" not in (tmp_path / "err").read_text()
