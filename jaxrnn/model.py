@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxrnn import blocks, cells, layers
+from jaxrnn import UserError, blocks, cells, layers
 from jaxrnn.cells import Carry
 
 Config = Any  # ml_collections.ConfigDict (the `model` section)
@@ -97,6 +98,23 @@ def head(params: dict[str, Any], y: jax.Array, dtype: Any = jnp.float32) -> jax.
   return cells.matmul(y, w, dtype) + params["head"]["b"]
 
 
+def vocabulary_ids(tokens: jax.Array, vocab_size: int) -> jax.Array:
+  """tokens<int>[b, t] clipped to [0, vocab_size): the one rule for an id outside the vocabulary.
+
+  Every input path would read such an id its own way (a gather clips it, or wraps a negative
+  one; a folded embedding's rows clip it, its one-hot rows make it a zero input), so the model
+  clips it before any of them. Ids given as concrete arrays (`apply` called outside jit) are
+  checked instead, and refused: the data module never makes one, so one is a caller's bug.
+  """
+  if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+    ids = np.asarray(tokens)  # on the host: jnp would trace it inside a caller's jit
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+      raise UserError(f"token ids must lie in [0, {vocab_size}), the vocabulary's, got ids from "
+                      f"{low} to {high}: encode text with the run's vocabulary (data.Vocab)")
+  return jnp.clip(tokens, 0, vocab_size - 1)
+
+
 def embed(params: dict[str, Any], tokens: jax.Array, model_config: Config, vocab_size: int,
            rng: jax.Array | None) -> jax.Array:
   """tokens<int>[b, t] -> x<float>[b, t, e] (or one-hot [b, t, v]).
@@ -170,6 +188,7 @@ def outputs(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
   the head, as in Zaremba et al. 2014, from `rng.rows`.
   """
   vocab_size = params["head"]["b"].shape[0]
+  tokens = vocabulary_ids(tokens, vocab_size)
   rng = rng if train else None
   k_embed, k_weight = _shared_keys(None if rng is None else rng.shared)
   k_in, k_stack, k_out = _dropout_keys(None if rng is None else rng.rows, tokens.shape[0])
@@ -236,6 +255,7 @@ def apply_classifier(params: dict[str, Any], tokens: jax.Array, lengths: jax.Arr
   head; padding never reaches the logits. Regularizers as in `outputs`.
   """
   bidirectional = model_config.bidirectional
+  tokens = vocabulary_ids(tokens, params["embed"].shape[0])
   rng = rng if train else None
   k_embed, k_weight = _shared_keys(None if rng is None else rng.shared)
   k_in, k_stack, k_out = _dropout_keys(None if rng is None else rng.rows, tokens.shape[0])

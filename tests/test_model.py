@@ -376,3 +376,23 @@ def test_float64_parameters_run_in_xla_or_are_refused(cell, impl):
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(want, want32, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["auto", "fused", "scan", "core", "onednn"])
+def test_ids_outside_the_vocabulary_follow_one_rule_on_every_path(impl):
+  """Under jit an id below 0 or at v and above reads as the nearest id of the vocabulary on
+  every path (the folded embedding's gathered rows and one-hot inputs, the embedding's gather,
+  each kernel); outside jit model.apply refuses it in one line."""
+  if impl in kernels.LAYERS and kernels.unavailable(impl):
+    pytest.skip(f"{impl} cannot run here: {kernels.unavailable(impl)}")
+  config = _config("lstm", hidden_size=64, impl=impl)  # 64 wide: auto folds into a kernel
+  params = model.init(jax.random.key(0), config, V)
+  carry = model.initial_carry(config, B)
+  tokens = _tokens()
+  wild = tokens.at[0, :3].set(jnp.array([-1, V, V + 40])).at[1, 0].set(-7)
+  clipped = jnp.clip(wild, 0, V - 1)
+  got = _jit_apply(config)(params, carry, wild)[1]
+  np.testing.assert_allclose(got, _jit_apply(config)(params, carry, clipped)[1], atol=1e-6)
+  with pytest.raises(UserError, match=rf"^token ids must lie in \[0, {V}\), the vocabulary's, "
+                     rf"got ids from -7 to {V + 40}: encode text"):
+    model.apply(params, carry, wild, model_config=config)
