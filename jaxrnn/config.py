@@ -9,13 +9,15 @@ that checkpoint was written read their defaults and no code needs `.get(field, d
 """
 
 import math
+import os
 import sys
 from typing import Any, Callable
 
+import jax
 import ml_collections
 
 from configs import default
-from jaxrnn import UserError, blocks, cells, data, layers, model, tasks
+from jaxrnn import UserError, blocks, cells, data, layers, model, optim, tasks
 
 Config = ml_collections.ConfigDict
 OPTIMIZERS = ("adam", "adamw", "sgd")  # built by optim.make_optimizer
@@ -25,6 +27,18 @@ EPOCH_FIELDS = ("steps", "warmup_steps", "eval_every", "ckpt_every")  # in train
 TOKENS = ("char", "word")
 POOLINGS = ("last", "mean")
 Rule = tuple[Callable[[Any], bool], str]  # (is the value valid?, what the valid values are)
+# Options that only some values of another field read: {option: (that field, the values that
+# read it)}, from jaxrnn/blocks.py and optim.make_optimizer. Away from its default under any
+# other value an option would do nothing, so `validate` refuses it (as `cells.from_config`
+# refuses a cell option the cell does not take).
+READ_BY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "model.mlp_expansion": ("model.block", ("residual", "griffin")),
+    "model.expand": ("model.block", ("xlstm", "mamba")),
+    "model.conv_width": ("model.block", ("griffin", "xlstm", "mamba")),
+    "train.weight_decay": ("train.optimizer", ("adamw",)),
+    "train.b1": ("train.optimizer", ("adam", "adamw")),
+    "train.b2": ("train.optimizer", ("adam", "adamw")),
+}
 
 
 def _one_of(choices: Any) -> Rule:
@@ -108,6 +122,12 @@ def field(config: Config, name: str) -> Any:
   return config
 
 
+def unread(config: Config) -> list[str]:
+  """The options of READ_BY that `config`'s block and optimizer do not read."""
+  return [option for option, (chooser, readers) in READ_BY.items()
+          if field(config, chooser) not in readers]
+
+
 def _fail(name: str, value: Any, valid: str) -> None:
   raise UserError(f"{name} must be {valid}, got {value!r}")
 
@@ -122,12 +142,21 @@ def _check_names(config: Config, reference: Config, prefix: str = "") -> None:
       _check_names(value, reference[key], f"{prefix}{key}.")
 
 
-def validate(config: Config) -> None:
-  """Raises a UserError naming the first field the run cannot use, and its valid values."""
+def validate(config: Config, training: bool = True) -> None:
+  """Raises a UserError naming the first field the run cannot use, and its valid values.
+  `training`: also what only training reads or needs, a warmup longer than the run and more
+  memory than the machine has (`_check_memory`); evaluating a trained model reads no schedule
+  and holds no gradients nor optimizer state."""
   _check_names(config, default.get_config())
   for name, (valid, description) in RULES.items():
     if not valid(value := field(config, name)):
       _fail(name, value, description)
+  defaults = default.get_config()
+  for option in unread(config):
+    chooser, readers = READ_BY[option]
+    if (value := field(config, option)) != (unset := field(defaults, option)):
+      raise UserError(f"{option}={value!r} does nothing for {chooser}={field(config, chooser)!r} "
+                      f"(it applies to {chooser}={' or '.join(readers)}); leave it at {unset!r}")
   model_config, data_config = config.model, config.data
   _check_block(model_config)
   cell = blocks.cell(model_config)  # the cell's own options: nonlinearity, forget_bias, ...
@@ -158,6 +187,10 @@ def validate(config: Config) -> None:
   if config.train.schedule == "step" and config.train.warmup_steps:
     raise UserError("train.schedule=step has no warmup: set train.warmup_steps=0, or use "
                     "schedule=constant or cosine")
+  if training and (warmup := config.train.warmup_steps) > (steps := config.train.steps):
+    raise UserError(f"train.warmup_steps={warmup} is more than train.steps={steps} (both in "
+                    f"train.unit): the lr would peak at {steps / warmup:.0%} of train.lr; set "
+                    f"train.warmup_steps to at most {steps}")
   corpus = data.CORPORA.get(data_config.corpus)
   if config.task == "lm":
     _check_lm(config, corpus)
@@ -168,6 +201,8 @@ def validate(config: Config) -> None:
     if val_frac == 0:
       raise UserError("data.val_frac is 0, which leaves no validation split to measure the run "
                       "on; set it above 0 (e.g. 0.1)")
+  if training:
+    _check_memory(config)
 
 
 def _check_block(model_config: Config) -> None:
@@ -246,6 +281,57 @@ def _check_classify(config: Config, corpus: data.Corpus | None) -> None:
                     + (" (softmax) or 1 (one sigmoid unit)" if binary else ""))
 
 
+def physical_memory() -> int | None:
+  """Bytes of memory this machine has; None where the system does not say (not Linux)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (AttributeError, ValueError, OSError):  # no os.sysconf (Windows), or no such name
+    return None
+
+
+def training_memory(config: Config) -> tuple[int, int, int]:
+  """(parameters, bytes of the training state, bytes of activations): a lower bound on what
+  training `config` holds at once, from shapes alone (`jax.eval_shape`: nothing is built).
+
+  The state is the parameters, their gradients and the optimizer's state (Adam's two moments,
+  NT-ASGD's mean): 4 copies of the parameters under Adam. The activations are each layer's
+  output at every step of one micro-batch (data.batch_size / train.accumulate lanes x
+  data.seq_len) in float32, which the backward pass keeps. Left out, so that a refused run
+  surely could not fit: the vocabulary's rows (the corpus is not read yet; a vocabulary of 2
+  is counted), what cells keep besides their outputs (gates) and XLA's scratch.
+  """
+  params = jax.eval_shape(lambda key: tasks.get(config.task).init(key, config.model, 2),
+                          jax.random.key(0))
+  opt_state = jax.eval_shape(optim.make_optimizer(config.train).init, params)
+  state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((params, params, opt_state)))
+  lanes = config.data.batch_size // config.train.accumulate
+  activations = lanes * config.data.seq_len * sum(model.layer_sizes(config.model)) * 4
+  return model.num_params(params), state, activations
+
+
+def _check_memory(config: Config) -> None:
+  """Refuses a run whose `training_memory` exceeds this machine's memory (and each of its
+  accelerators'), which would fail in XLA with a long out-of-memory traceback; skipped where
+  the machine's memory is unknown."""
+  if (host := physical_memory()) is None:
+    return
+  params, state, activations = training_memory(config)
+  if state + activations <= host:
+    return
+  # An accelerator holds the whole state and its share of the lanes in a memory of its own.
+  devices = jax.local_devices()
+  device = max((d.memory_stats() or {}).get("bytes_limit", 0) for d in devices)
+  if state + activations / len(devices) <= device:
+    return
+  size = lambda n: f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+  memory = size(host) + (f" ({size(device)} per device)" if device else "")
+  raise UserError(f"this model cannot train here: it needs at least {size(state + activations)} "
+                  f"({params:,} parameters, {size(state)} with their gradients and the "
+                  f"optimizer's state; {size(activations)} of layer outputs per batch) but this "
+                  f"machine has {memory} of memory; lower model.hidden_size or model.num_layers "
+                  "(or the batch: data.batch_size, data.seq_len)")
+
+
 def in_steps(config: Config, steps_per_epoch: int) -> Config:
   """`config` with train.unit "steps": EPOCH_FIELDS times `steps_per_epoch` if they were in
   epochs (passes over the training split, `steps_per_epoch` batches each)."""
@@ -262,8 +348,9 @@ def from_saved(saved: dict[str, Any]) -> Config:
   """A checkpoint's config (as saved, a nested dict) merged onto `configs/default.py`.
 
   Fields the saved config lacks are newer than the checkpoint, whose run had their defaults.
-  Fields this version does not know are dropped with a note, and cell options the saved cell
-  does not take (which had no effect on that run) are reset to their defaults, so that every
+  Fields this version does not know are dropped with a note, and options that had no effect
+  on that run (cell options the saved cell does not take, block and optimizer options its
+  block and optimizer do not read: READ_BY) are reset to their defaults, so that every
   checkpoint written before these checks existed still restores.
   """
   config = default.get_config()
@@ -273,6 +360,9 @@ def from_saved(saved: dict[str, Any]) -> Config:
     for option, value in cells.options().items():
       if option not in taken:
         config.model[option] = value
+  for option in unread(config):
+    section, name = option.split(".")
+    config[section][name] = field(default.get_config(), option)
   return config
 
 

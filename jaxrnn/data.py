@@ -184,6 +184,16 @@ def decode(raw: bytes, encoding: str = "utf-8", origin: str = "corpus") -> str:
                     "convert it first, e.g. `iconv -f cp1252 -t utf-8`") from None
 
 
+def read(path: pathlib.Path) -> bytes:
+  """The bytes of a corpus file; a UserError naming it and the cause where the system refuses
+  (no read permission, an I/O error)."""
+  try:
+    return path.read_bytes()
+  except OSError as e:
+    raise UserError(f"cannot read the corpus file {path}: {e.strerror or e}; make it readable "
+                    "(e.g. chmod u+r) or use another corpus") from None
+
+
 def fractions(corpus: Corpus, data_config: Any) -> tuple[float, float]:
   """(val, test) fractions: `data_config`'s where set, else the corpus'."""
   val_frac = corpus.fractions[0] if data_config.val_frac is None else data_config.val_frac
@@ -221,7 +231,7 @@ def load_splits(data_config: Any) -> tuple[dict[str, str], str]:
     corpus, paths = Corpus(()), [path]
   else:
     paths = [locate(s) for s in corpus.sources]
-  texts = [decode(p.read_bytes(), corpus.encoding, str(p)) for p in paths]
+  texts = [decode(read(p), corpus.encoding, str(p)) for p in paths]
   level = data_config.tokens or corpus.tokens
   if len(texts) == 3:
     return dict(zip(("train", "val", "test"), texts)), level

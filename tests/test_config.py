@@ -171,3 +171,131 @@ def test_older_checkpoints_configs_still_restore(capsys):
   assert config.model.forget_bias == 0.0 and "colour" not in config.model
   assert "ignoring the saved config's field model.colour" in capsys.readouterr().err
   config_lib.validate(config)
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"train": {"weight_decay": 0.1}}, "train.weight_decay=0.1 does nothing for train.optimizer="
+                                       "'adam' \\(it applies to train.optimizer=adamw\\); leave it "
+                                       "at 0.0"),
+    ({"train": {"optimizer": "sgd", "b1": 0.8}}, "train.b1=0.8 does nothing for train.optimizer="
+                                                 "'sgd' \\(it applies to train.optimizer=adam or "
+                                                 "adamw\\); leave it at 0.9"),
+    ({"train": {"optimizer": "sgd", "b2": 0.99}}, "train.b2=0.99 does nothing for "
+                                                  "train.optimizer='sgd'"),
+    ({"model": {"block": "griffin", "cell": "rglru", "expand": 3}},
+     "model.expand=3 does nothing for model.block='griffin' \\(it applies to model.block=xlstm "
+     "or mamba\\); leave it at 2"),
+    ({"model": {"mlp_expansion": 4}}, "model.mlp_expansion=4 does nothing for model.block="
+                                      "'stack' \\(it applies to model.block=residual or griffin\\)"),
+    ({"model": {"block": "residual", "conv_width": 3}},
+     "model.conv_width=3 does nothing for model.block='residual' \\(it applies to model.block="
+     "griffin or xlstm or mamba\\)"),
+    ({"train": {"warmup_steps": 10}}, "train.warmup_steps=10 is more than train.steps=5 \\(both "
+                                      "in train.unit\\): the lr would peak at 50% of train.lr; set "
+                                      "train.warmup_steps to at most 5"),
+])
+def test_options_that_would_do_nothing_are_refused(tiny_config, sections, message):
+  """An option set away from its default where the block or optimizer does not read it, and a
+  warmup longer than the run, are refused in one line naming the field and what reads it."""
+  with pytest.raises(UserError, match=message):
+    config_lib.validate(tiny_config(**sections))
+
+
+@pytest.mark.parametrize("sections", [
+    {"train": {"optimizer": "adamw", "weight_decay": 0.1, "b1": 0.8}},
+    {"train": {"optimizer": "sgd", "weight_decay": 0.0, "b1": 0.9, "b2": 0.999}},
+    {"model": {"block": "griffin", "cell": "rglru", "conv_width": 3, "mlp_expansion": 2,
+               "expand": 2}},
+    {"model": {"block": "mamba", "cell": "mamba", "hidden_size": 8, "expand": 3}},
+    {"model": {"block": "residual", "mlp_expansion": 2}},
+    {"train": {"warmup_steps": 5}},
+])
+def test_options_read_or_at_their_defaults_are_accepted(tiny_config, sections):
+  """The same options where something reads them, or left at their defaults, validate."""
+  config_lib.validate(tiny_config(**sections))
+
+
+def test_read_by_names_the_blocks_that_read_each_option():
+  """config.READ_BY agrees with jaxrnn/blocks.py: an option changes the parameters' shapes
+  exactly under the blocks it names."""
+  from jaxrnn import blocks
+  for block in blocks.BLOCKS:
+    base = default.get_config().model
+    base.update(block=block, cell=blocks.CELLS.get(block, "lstm"), hidden_size=64, embed_dim=64)
+    shapes = lambda c: jax.tree.map(lambda x: x.shape, jax.eval_shape(
+        lambda k: model.init(k, c, 8), jax.random.key(0)))
+    for option, (chooser, readers) in config_lib.READ_BY.items():
+      if chooser == "model.block":
+        changed = base.copy_and_resolve_references()
+        changed[option.split(".")[1]] += 1
+        assert (shapes(changed) != shapes(base)) == (block in readers), (block, option)
+
+
+def test_older_checkpoints_with_unread_block_and_optimizer_options_still_restore():
+  """A saved config with block or optimizer options its run did not read (accepted before they
+  were refused) restores with those options at their defaults, and validates; one with a
+  warmup longer than its run validates for evaluation."""
+  config = config_lib.from_saved({"model": {"block": "griffin", "cell": "rglru", "expand": 4},
+                                  "train": {"optimizer": "sgd", "weight_decay": 0.1, "b1": 0.5}})
+  assert (config.model.expand, config.train.weight_decay, config.train.b1) == (2, 0.0, 0.9)
+  config = config_lib.from_saved({"model": {"block": "mamba", "cell": "mamba", "expand": 4},
+                                  "train": {"optimizer": "adamw", "weight_decay": 0.1}})
+  assert (config.model.expand, config.train.weight_decay) == (4, 0.1)  # read: kept
+  config_lib.validate(config)
+  config = config_lib.from_saved({"train": {"steps": 5, "warmup_steps": 10}})
+  config_lib.validate(config, training=False)  # eval.py --corpus: the schedule is not read
+  with pytest.raises(UserError, match="train.warmup_steps=10 is more than train.steps=5"):
+    config_lib.validate(config)
+
+
+def test_a_model_too_big_for_the_memory_is_refused_before_anything_is_built(tiny_config,
+                                                                            monkeypatch):
+  """The training state (parameters, gradients and Adam's two moments: 4 x 4 bytes a parameter)
+  and the layers' outputs over a batch, against the machine's memory: model.hidden_size=100000
+  (596 GiB) is refused on a 64 GiB machine, 256 is not, nor 100000 where an accelerator has
+  the memory (with its share of the lanes), nor anything where the memory cannot be read."""
+  params, state, activations = config_lib.training_memory(tiny_config())
+  assert 0 <= state - 16 * params < 64  # and the optimizer's step counts
+  assert activations == 4 * 8 * 16 * 4  # lanes x seq_len x hidden_size x 4 bytes
+  _, sgd, _ = config_lib.training_memory(tiny_config(train={"optimizer": "sgd"}))
+  assert 0 <= sgd - 8 * params < 64  # no moments
+  monkeypatch.setattr(config_lib, "physical_memory", lambda: 64 * 2**30)
+  with pytest.raises(UserError, match="this model cannot train here: it needs at least 596.1 GiB "
+                                      "\\(40,003,800,018 parameters, 596.1 GiB .*; 12.2 MiB of "
+                                      "layer outputs per batch\\) but this machine has 64.0 GiB "
+                                      "of memory; lower model.hidden_size"):
+    config_lib.validate(tiny_config(model={"hidden_size": 100_000}))
+  config_lib.validate(tiny_config(model={"hidden_size": 256}))
+
+  class Accelerator:  # a device with 700 GiB of its own
+    def memory_stats(self):
+      return {"bytes_limit": 700 * 2**30}
+  monkeypatch.setattr(config_lib.jax, "local_devices", lambda: [Accelerator()])
+  config_lib.validate(tiny_config(model={"hidden_size": 100_000}))
+  wide = tiny_config(model={"hidden_size": 100_000}, data={"batch_size": 50_000})  # 149 GiB out
+  with pytest.raises(UserError, match="this machine has 64.0 GiB \\(700.0 GiB per device\\)"):
+    config_lib.validate(wide)
+  monkeypatch.setattr(config_lib.jax, "local_devices", lambda: [Accelerator()] * 2)
+  config_lib.validate(wide)  # half the lanes on each
+  monkeypatch.undo()
+  monkeypatch.setattr(config_lib, "physical_memory", lambda: None)
+  config_lib.validate(tiny_config(model={"hidden_size": 100_000}))
+
+
+def test_the_machines_memory_is_read_where_the_system_says(monkeypatch):
+  """physical_memory: the page size times the pages on Linux; None where sysconf cannot say."""
+  assert config_lib.physical_memory() > 2**20
+  def unknown(name):
+    raise ValueError(f"unrecognized configuration name {name}")
+  monkeypatch.setattr(config_lib.os, "sysconf", unknown)
+  assert config_lib.physical_memory() is None
+
+
+def test_train_refuses_a_model_too_big_for_the_memory_in_one_line(tiny_flags, script, tmp_path):
+  """scripts/train.py with model.hidden_size=100000 (about 600 GiB to train, more than the
+  machines these tests run on): one line with the figures, no traceback, no workdir."""
+  proc = script("train.py", *tiny_flags(tmp_path / "run", model={"hidden_size": 100_000}))
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith("error: this model cannot train here: it needs at least "), \
+      proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

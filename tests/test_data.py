@@ -1,9 +1,12 @@
 """Tests for jaxrnn.data: corpus lookup and download, decoding, splits, vocabularies, batches."""
 
+import errno
 import hashlib
 import io
 import os
 import pathlib
+import subprocess
+import sys
 import urllib.error
 import zipfile
 
@@ -11,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT, TINY_TEXT, run_script
 from jaxrnn import UserError, data
 
 SHARED = pathlib.Path(os.environ["JAXRNN_DATA_DIR"])
@@ -233,3 +237,74 @@ def test_detect_reads_utf8_else_cp1252():
   assert data.decode(b"wait\x85 what\n", "detect").split("\n") == ["wait… what", ""]
   with pytest.raises(UserError, match="neither UTF-8 nor Windows-1252.*byte 1"):
     data.decode(b"a\x81b", "detect")
+
+
+def _refused(monkeypatch, locked: pathlib.Path) -> None:
+  """From now on the system refuses to read `locked`, as chmod 000 makes it refuse any user but
+  root (who runs these tests, and whom no permission stops)."""
+  read = pathlib.Path.read_bytes
+
+  def refusing(path):
+    if os.path.abspath(path) == str(locked):
+      raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    return read(path)
+  monkeypatch.setattr(pathlib.Path, "read_bytes", refusing)
+
+
+def test_an_unreadable_corpus_is_one_line_naming_it_and_the_cause(tmp_path, monkeypatch):
+  """A corpus file the system refuses to read: a UserError naming the path and the cause."""
+  locked = tmp_path / "locked.txt"
+  locked.write_text("some text\n" * 10)
+  _refused(monkeypatch, locked)
+  with pytest.raises(UserError, match=f"cannot read the corpus file {locked}: Permission denied; "
+                                      "make it readable"):
+    data.load_splits(data_config(corpus=str(locked)))
+
+
+# scripts/<name> (argv[2:]) where the system refuses to read argv[1] (`_refused`).
+_REFUSING = """
+import errno, os, pathlib, runpy, sys
+locked, sys.argv = sys.argv[1], sys.argv[2:]
+read = pathlib.Path.read_bytes
+def refusing(path):
+  if os.path.abspath(path) == locked:
+    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+  return read(path)
+pathlib.Path.read_bytes = refusing
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_flags, tmp_path_factory) -> pathlib.Path:
+  """The workdir of a 2-step tiny LM run on the tiny corpus (no test split: test_frac 0)."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  proc = run_script("train.py", *tiny_flags(workdir, train={"steps": 2}))
+  assert proc.returncode == 0, proc.stderr
+  return workdir
+
+
+def test_scripts_name_an_unreadable_corpus_in_one_line(trained, tiny_flags, tmp_path):
+  """train.py and eval.py --corpus on a file the system refuses to read: `error: ...` naming
+  the file and the cause, exit status 2, no traceback."""
+  locked = tmp_path / "locked.txt"
+  locked.write_text(TINY_TEXT)
+  for name, *args in (("train.py", *tiny_flags(tmp_path / "run", data={"corpus": locked})),
+                      ("eval.py", f"--workdir={trained}", f"--corpus={locked}")):
+    proc = subprocess.run([sys.executable, "-c", _REFUSING, str(locked), f"scripts/{name}", *args],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == 2, (name, proc.stderr)
+    assert proc.stderr == (f"error: cannot read the corpus file {locked}: Permission denied; "
+                           "make it readable (e.g. chmod u+r) or use another corpus\n"), name
+
+
+def test_eval_of_a_split_the_corpus_lacks_says_so(trained, corpus, script):
+  """eval.py --split test on a run whose corpus was cut with no test split (test_frac 0, the
+  default of a text file) says so, how the splits were cut, and what to do, in one line."""
+  proc = script("eval.py", f"--workdir={trained}", "--split=test")
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr == (f"error: the corpus {corpus} has no test split: the run cut it into "
+                         "train, val and test by data.val_frac=0.1 and data.test_frac=0.0; "
+                         "evaluate another --split, or a --corpus with a test file (ptb_char, "
+                         "ptb), or a run trained with a test fraction above 0\n")
+  assert script("eval.py", f"--workdir={trained}", "--split=val").returncode == 0
