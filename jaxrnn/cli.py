@@ -242,6 +242,18 @@ def keep_freed_memory() -> bool:
   return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED.values())
 
 
+def release_freed_memory() -> None:
+  """Hands what the process has freed back to the kernel (glibc's malloc_trim), which
+  `keep_freed_memory` otherwise keeps: called after a whole-split evaluation, whose buffers
+  would hold the process at the evaluation's peak for the rest of training. Does nothing
+  without glibc."""
+  try:
+    trim = ctypes.CDLL(None).malloc_trim
+  except (AttributeError, OSError, TypeError):  # not glibc (macOS), or Windows
+    return
+  trim(0)
+
+
 def run_inline() -> None:
   """Has a CPU computation run on the thread that calls it, not on a dispatch thread of XLA's
   (`jax_cpu_enable_async_dispatch`; pmap's computations stay asynchronous). Call it before the

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrnn import UserError, checkpoint, config as config_lib, guard, metrics, model, optim
-from jaxrnn import parallel, provenance, tasks
+from jaxrnn import UserError, checkpoint, cli, config as config_lib, guard, metrics, model
+from jaxrnn import optim, parallel, provenance, tasks
 
 Config = Any  # ml_collections.ConfigDict
 TRAIN_FIELDS = ("loss", "grad_norm", "lr")  # train_step's metrics, in metrics.jsonl's order
@@ -243,6 +243,7 @@ def _train(run: Run, workdir: pathlib.Path) -> dict[str, Any]:
         raise advice(f"the {split} loss is {row['loss']:.4g} nats at step {step}")
       if log is not None:
         val_rows.append(log.write({"step": step, "split": split, **row}))
+    cli.release_freed_memory()  # the evaluation's buffers, kept since (cli.keep_freed_memory)
     return figures
 
   def snapshot(step_evals):

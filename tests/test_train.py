@@ -5,6 +5,9 @@ import collections
 import functools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -267,3 +270,31 @@ def test_a_diverged_validation_stops_the_run(tiny_config, tmp_path, monkeypatch)
   with pytest.raises(UserError, match=r"val loss is 800 nats at step 5.*lower --config\.train\.lr"):
     train.train_and_evaluate(tiny_config(train={"eval_every": 5}), str(tmp_path / "run"))
   assert checkpoint.manager(tmp_path / "run").all_steps() == []
+
+
+def test_training_gives_back_what_an_evaluation_freed(tiny_config, tmp_path, monkeypatch):
+  """After each whole-split evaluation the loop hands the freed memory back to the kernel
+  (cli.release_freed_memory), which under keep_freed_memory's settings a process would keep at
+  its peak: a freed 400 MB block leaves the resident set after it, not before."""
+  from jaxrnn import cli
+  calls = []
+  monkeypatch.setattr(cli, "release_freed_memory", lambda: calls.append(1))
+  train.train_and_evaluate(tiny_config(train={"steps": 6, "eval_every": 3}), str(tmp_path / "r"))
+  assert len(calls) == 2  # steps 3 and 6
+  code = ("import ctypes, numpy as np\n"
+          "from jaxrnn import cli\n"
+          "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+          "print(cli.keep_freed_memory())\n"
+          "blocks = [np.ones(2**20) for _ in range(50)]\n"  # 50 x 8 MB, from malloc's heap
+          "del blocks\n"
+          "kept = rss()\n"
+          "cli.release_freed_memory()\n"
+          "print(kept, rss())\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                        env={k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
+  assert proc.returncode == 0, proc.stderr
+  tuned, sizes = proc.stdout.split("\n", 1)
+  if tuned != "True":
+    pytest.skip("not glibc: nothing kept, nothing to give back")
+  kept, after = map(int, sizes.split())
+  assert kept > after + 300, (kept, after)

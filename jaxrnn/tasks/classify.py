@@ -45,7 +45,7 @@ def load_sentences(data_config: Config) -> tuple[dict[str, Sentences], tuple[str
   sentences, labels = [], []
   for label, source in enumerate(corpus.sources):
     path = data.locate(source)
-    text = data.decode(path.read_bytes(), corpus.encoding, str(path))
+    text = data.decode(data.read(path), corpus.encoding, str(path))
     # '\n' only: str.splitlines() also breaks lines at U+0085, U+2028 and other characters.
     lines = [words for line in text.split("\n") if (words := line.split())]
     sentences += lines
