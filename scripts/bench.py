@@ -33,6 +33,7 @@ from absl import app, flags
 
 from configs import default
 from jaxrnn import UserError, cells, cli, layers, model, optim, provenance, sample, train
+from jaxrnn import config as config_lib
 from jaxrnn.tasks import lm
 
 flags.DEFINE_string("cells", ",".join(cells.names()),
@@ -64,7 +65,9 @@ flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                   "PyTorch's autocast, flax's cell dtype.")
 FLAGS = flags.FLAGS
 
-_QUICK = {"hidden": 32, "embed": 16, "batch": 4, "seq": 8, "steps": 2, "rounds": 2, "warmup": 1,
+# embed = hidden: the mamba cell keeps its input's width, so a stack of it needs them equal;
+# one size that suits every cell keeps --quick's rows alike (and alike to the peers').
+_QUICK = {"hidden": 32, "embed": 32, "batch": 4, "seq": 8, "steps": 2, "rounds": 2, "warmup": 1,
           "seq_sweep": "8,16"}
 _PEER_CELLS = {"rnn": ("RNN", "SimpleCell"), "gru": ("GRU", "GRUCell"),
                "lstm": ("LSTM", "OptimizedLSTMCell")}  # torch.nn class, flax.linen cell
@@ -444,9 +447,44 @@ def _print(out: dict[str, Any]) -> None:
     print(f"{cell:11} {measure:12} {impl:16} {median:>12} {r['unit']:6} {ratio} {flops}".rstrip())
 
 
+def _validate() -> None:
+  """Refuses a bad flag in one line before any row's process starts (or anything compiles):
+  a row would otherwise fail minutes in, after the others were timed, in a traceback."""
+  for name in ("layers", "hidden", "embed", "batch", "seq", "vocab", "steps", "rounds"):
+    if FLAGS[name].value < 1:
+      raise UserError(f"--{name} must be at least 1, got {FLAGS[name].value}")
+  if FLAGS.warmup < 0:
+    raise UserError(f"--warmup must be at least 0, got {FLAGS.warmup}")
+  for name in ("seq_sweep", "memory_seqs"):
+    for length in _split(FLAGS[name].value):
+      if not length.isdigit() or int(length) < 1:
+        raise UserError(f"--{name} takes a comma list of sequence lengths, e.g. 32,64 ('': "
+                        f"none), got {length!r}")
+  for measure in _split(FLAGS.measures):
+    if measure not in _MEASURES:
+      raise UserError(f"--measures takes a comma list of {', '.join(_MEASURES)}, got {measure!r}")
+  try:
+    jax.devices(FLAGS.device)  # takes no GPU memory: main turned preallocation off first
+  except (RuntimeError, AssertionError):  # jax asserts where jax_platforms=cuda finds no GPU
+    raise UserError(f"--device={FLAGS.device}: JAX has no such device here; use --device=cpu "
+                    "(or gpu or tpu where there is one)") from None
+  runnable = layers.runnable_impls(FLAGS.device)
+  for impl in _split(FLAGS.impls):
+    if impl not in runnable:
+      raise UserError(f"--impls={impl} cannot run on {FLAGS.device}; the impls that run here: "
+                      f"{', '.join(runnable)}")
+  for spec in _split(FLAGS.cells):
+    cell, hidden = _cell_spec(spec)
+    try:
+      config_lib.validate(_config(cell, None, hidden))
+    except UserError as e:
+      raise UserError(f"--cells entry {spec!r} (model.hidden_size={hidden}, model.embed_dim="
+                      f"{FLAGS.embed} from --embed): {e}") from None
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}; bench.py takes flags only")
   for name, value in _QUICK.items() if FLAGS.quick else ():
     if not FLAGS[name].present:
       FLAGS[name].value = value
@@ -457,6 +495,8 @@ def main(argv: list[str]) -> None:
   jax.config.update("jax_platforms", {"gpu": "cuda"}.get(FLAGS.device, FLAGS.device))
   if not FLAGS.serve.startswith(tuple(_PEERS)):
     cli.tune_process()  # as jaxrnn's scripts run; the peers run as their users run them
+  if not FLAGS.serve:  # a row's process takes the flags its parent checked
+    _validate()
   peers = [p for p in _split(FLAGS.peers) if p in _PEERS and importlib.util.find_spec(p)]
   for name in set(_split(FLAGS.peers)) - set(peers):
     print(f"note: skipping peer {name!r}: unknown or not importable", file=sys.stderr)
@@ -492,9 +532,6 @@ def main(argv: list[str]) -> None:
                           3 * _forward_flops_per_token("lstm", FLAGS.hidden))
       for r in sweep[row].values():
         del r["ratio"]  # one seq over another is no comparison of implementations
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   finally:
     for process in processes.values():
       process.close()
@@ -511,5 +548,15 @@ def main(argv: list[str]) -> None:
   pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=2))
 
 
+def _run(argv: list[str]) -> None:
+  """main, where a UserError ends the script in one line (exit 2), as `cli.run` has it; not
+  cli.run itself, whose tune_process would reach the peers' processes too."""
+  try:
+    main(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(_run, flags_parser=cli.parse_flags)

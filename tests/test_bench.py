@@ -36,10 +36,10 @@ def test_quick_bench_writes_every_figure(tmp_path):
     assert set(bench["results"][cell]["train"]) == {"jaxrnn"}
     assert bench["results"][cell]["train"]["jaxrnn"]["median"] > 0
   # Training GFLOP/s = tokens/s x 3 x forward FLOPs per token; counted by hand for --quick's
-  # embed 16, hidden 32 (mingru: 48), 2 layers, vocab 65: 2 per weight-matrix entry.
-  by_hand = {"lstm": 2 * (16 + 32) * 128 + 2 * (32 + 32) * 128 + 2 * 32 * 65,  # 4 gates
-             "mingru:48": 2 * 16 * 96 + 2 * 48 * 96 + 2 * 48 * 65,  # w_ih only: z and h~
-             "indrnn": 2 * 16 * 32 + 2 * 32 * 32 + 2 * 32 * 65}  # the recurrence is elementwise
+  # embed 32, hidden 32 (mingru: 48), 2 layers, vocab 65: 2 per weight-matrix entry.
+  by_hand = {"lstm": 2 * (32 + 32) * 128 + 2 * (32 + 32) * 128 + 2 * 32 * 65,  # 4 gates
+             "mingru:48": 2 * 32 * 96 + 2 * 48 * 96 + 2 * 48 * 65,  # w_ih only: z and h~
+             "indrnn": 2 * 32 * 32 + 2 * 32 * 32 + 2 * 32 * 65}  # the recurrence is elementwise
   for cell, flops in by_hand.items():
     train = bench["results"][cell]["train"]["jaxrnn"]
     assert abs(train["gflops"] * 1e9 / (3 * train["median"]) - flops) < 1e-6 * flops
@@ -104,3 +104,55 @@ def test_gpu_check_dry_run_writes_its_summary(tmp_path):
   assert {r["cell"] for r in summary["bench"]} == {"lstm", "gru"}
   assert summary["recipes"]["shakespeare_gpu"]["final"]["step"] == 4
   assert "x torch" in (tmp_path / "out" / "bench.txt").read_text()
+
+
+def _bench(tmp_path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  """scripts/bench.py with `args`, compiling with less optimization, as the --quick test does."""
+  xla_flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
+         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
+  return subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *args,
+                         f"--out={tmp_path / 'b.json'}"], capture_output=True, text=True,
+                        timeout=timeout, cwd=REPO, env=env)
+
+
+def test_quick_bench_runs_mamba_beside_a_peer(tmp_path):
+  """--quick in the default suite: lstm beside torch, and mamba, whose stack needs its embedding
+  as wide as its hidden size (--quick's sizes satisfy every cell), time every measure."""
+  proc = _bench(tmp_path, "--quick", "--cells=lstm,mamba", "--peers=torch", "--seq_sweep=",
+                "--memory_seqs=")
+  assert proc.returncode == 0, proc.stderr
+  results = json.loads((tmp_path / "b.json").read_text())["results"]
+  for measure in ("train", "eval", "sample"):
+    assert set(results["lstm"][measure]) == {"jaxrnn", "torch"}
+    assert set(results["mamba"][measure]) == {"jaxrnn"}  # no peer has a mamba
+    for impls in (results["lstm"][measure], results["mamba"][measure]):
+      assert all(r["median"] > 0 for r in impls.values())
+
+
+def _has_gpu() -> bool:
+  """Whether JAX finds a GPU here (where --device=gpu is no error)."""
+  import jax
+  try:
+    return bool(jax.devices("gpu"))
+  except RuntimeError:
+    return False
+
+
+@pytest.mark.parametrize("flag, named", [
+    ("--hidden=0", "--hidden"), ("--batch=-1", "--batch"), ("--layers=0", "--layers"),
+    ("--rounds=0", "--rounds"), ("--steps=0", "--steps"), ("--warmup=-1", "--warmup"),
+    ("--seq_sweep=abc", "--seq_sweep"), ("--memory_seqs=abc", "--memory_seqs"),
+    ("--measures=foo", "--measures"), ("--compute_dtype=float16", "--compute_dtype"),
+    ("--device=gpu", "--device"), ("--impls=cudnn", "auto, fused, scan"),
+    ("--impls=foo", "--impls"), ("--cells=foo", "--cells"), ("--cells=mamba:48", "--embed"),
+    ("stray", "unexpected arguments")])
+def test_bad_flags_are_one_line_before_any_row_starts(tmp_path, flag, named):
+  """Each bad flag: exit 2, one line on stderr naming it (for --impls=cudnn on a CPU, the impls
+  that run here), no traceback, nothing written: checked before any row's process starts."""
+  if flag == "--device=gpu" and _has_gpu():
+    pytest.skip("this machine has a GPU: --device=gpu is no error here")
+  proc = _bench(tmp_path, "--quick", "--cells=lstm", "--peers=", flag, timeout=120)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1 and named in lines[0], proc.stderr
+  assert not (tmp_path / "b.json").exists()
