@@ -4,7 +4,9 @@
 
 The validation figure of the runs' task (perplexity for a language model, accuracy for a
 classifier) and the training loss, each against step and against wall time; runs are
-labelled by cell and size from their config.json. Needs matplotlib (the [plot] extra).
+labelled by cell, block (unless the default stack) and size from their config.json. `--out`'s
+missing directories are created; an existing directory takes curves.png. Needs matplotlib (the
+[plot] extra).
 """
 
 import json
@@ -17,7 +19,8 @@ from jaxrnn import UserError, cli, metrics
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir; more may follow as arguments.",
                                required=True)
-_OUT = flags.DEFINE_string("out", "curves.png", "Where to write the PNG.")
+_OUT = flags.DEFINE_string("out", "curves.png", "Where to write the PNG; a directory that "
+                           "exists: curves.png in it.")
 
 # The validation figure plotted for each task, and its axis label.
 VAL_FIGURE = {"lm": ("perplexity", "validation perplexity"),
@@ -33,7 +36,9 @@ def _config(workdir: pathlib.Path) -> dict:
 
 def _label(config: dict, workdir: pathlib.Path) -> str:
   model = config["model"]
-  return f"{model['cell']} {model['num_layers']}x{model['hidden_size']} ({workdir.name})"
+  # A residual LSTM is no stack of LSTMs; a config.json from before model.block is a stack.
+  block = "" if model.get("block", "stack") == "stack" else f" {model['block']}"
+  return f"{model['cell']}{block} {model['num_layers']}x{model['hidden_size']} ({workdir.name})"
 
 
 def _rows(workdir: pathlib.Path) -> list[dict]:
@@ -77,8 +82,12 @@ def main(argv: list[str]) -> None:
     row_axes[1].set_xlabel("wall time (s)")
   axes[0][0].legend()
   fig.tight_layout()
-  fig.savefig(_OUT.value, dpi=80)
-  print(f"wrote {_OUT.value}", file=sys.stderr)
+  out = pathlib.Path(_OUT.value)
+  if out.is_dir():  # else matplotlib would write <dir>.png beside it
+    out /= "curves.png"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=80)
+  print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -435,6 +435,50 @@ def test_a_script_restarts_itself_once_where_the_host_gives_huge_pages(tmp_path)
   assert [line.split()[0] for line in code.stdout.splitlines()] == ["start", "after"], code.stderr
 
 
+def _plot_runs(tmp_path, blocks: dict[str, str]) -> list[pathlib.Path]:
+  """A workdir per name in `blocks`: an lstm 2 x 8 LM in that model.block, two rows of metrics."""
+  runs = []
+  for name, block in blocks.items():
+    run = tmp_path / name
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(
+        {"task": "lm", "model": {"cell": "lstm", "block": block, "num_layers": 2,
+                                 "hidden_size": 8}}))
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n"
+        + json.dumps({"step": 1, "split": "val", "loss": 1.0, "perplexity": 2.7}) + "\n")
+    runs.append(run)
+  return runs
+
+
+def test_plot_writes_into_new_and_existing_directories(script, tmp_path):
+  """plot.py --out: a path in directories not there yet creates them; an existing directory
+  takes curves.png; either way stderr names the file written."""
+  run, = _plot_runs(tmp_path, {"a": "stack"})
+  for out, written in ((tmp_path / "new" / "sub" / "c.png", tmp_path / "new" / "sub" / "c.png"),
+                       (tmp_path / "a", tmp_path / "a" / "curves.png")):
+    proc = script("plot.py", f"--workdir={run}", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"wrote {written}"
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not (tmp_path / "a.png").exists()
+
+
+def test_plot_legend_names_a_block_other_than_stack(tmp_path):
+  """plot.py labels a run with its model.block unless that is the default stack, so a
+  residual LSTM does not read as a stack of LSTMs."""
+  runs = _plot_runs(tmp_path, {"a": "stack", "b": "residual"})
+  legend = ("import runpy, sys; from matplotlib import figure; save = figure.Figure.savefig; "
+            "figure.Figure.savefig = lambda fig, *a, **k: (print([t.get_text() for t in "
+            "fig.axes[0].get_legend().get_texts()]), save(fig, *a, **k)); "
+            "sys.argv = ['plot.py'] + sys.argv[1:]; "
+            "runpy.run_path('scripts/plot.py', run_name='__main__')")
+  proc = subprocess.run([sys.executable, "-c", legend, f"--workdir={runs[0]}", str(runs[1]),
+                         f"--out={tmp_path / 'x.png'}"], capture_output=True, text=True,
+                        cwd=REPO, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == "['lstm 2x8 (a)', 'lstm residual 2x8 (b)']"
+
 
 def test_huge_pages_take_what_a_user_would_type():
   """JAXRNN_HUGE_PAGES: 1 / yes / on (any case) or unset restart, 0 / no / off do not, and
