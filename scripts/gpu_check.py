@@ -8,7 +8,8 @@
 On a machine with one NVIDIA GPU and JAX's CUDA wheels (docs/devices.md says how to get the
 repository, its data and the missing wheels there), in three phases, each a subprocess with a
 time limit so that one stuck phase cannot eat the others' minutes:
-  tests    pytest -m gpu over tests/ (tests/test_gpu.py, the Pallas kernel's GPU tests);
+  tests    tests/test_gpu.py (every test marked gpu) and tests/test_pallas.py (the Pallas
+           kernels, compiled for the GPU);
   bench    scripts/bench.py --device=gpu: LSTM and GRU, 2 x 256, 2 x 512, 2 x 1024, float32 and
            bfloat16 compute, jaxrnn's fused scan, cuDNN and Pallas rows against PyTorch's cuDNN
            (`auto` picks one of these; the summary says which);
@@ -147,15 +148,17 @@ def table(rows: list[dict[str, Any]], auto: dict[str, str]) -> str:
 
 def tests_phase(work: pathlib.Path, clock: Clock, env: dict[str, str]) -> dict[str, Any]:
   xml = work / "gpu_tests.xml"
-  cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-n", "0", "-q", "-rfEs",
-         f"--junitxml={xml}", "tests"]
+  # Every test marked gpu is in test_gpu.py; test_pallas.py runs the Pallas kernels compiled
+  # where there is a GPU (in the interpreter elsewhere).
+  cmd = [sys.executable, "-m", "pytest", "-n", "0", "-q", "-rfEs", f"--junitxml={xml}",
+         "tests/test_gpu.py", "tests/test_pallas.py"]
   return {**run(cmd, clock, work / "tests.log", env), **junit_counts(xml)}
 
 
 def bench_phase(work: pathlib.Path, clock: Clock, env: dict[str, str],
                 dry: bool) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, str]]:
   from jaxrnn import layers  # imports jax without starting a backend: no GPU memory taken here
-  impls = [i for i in _IMPLS.value if i in layers.IMPLS]
+  impls = [i for i in _IMPLS.value if i in layers.runnable_impls("cpu" if dry else "gpu")]
   runs, rows, auto = {}, [], {}
   shapes = DRY_SHAPES if dry else SHAPES
   for hidden, batch, seq in shapes:

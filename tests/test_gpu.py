@@ -227,16 +227,19 @@ def test_a_cpu_kernel_is_refused_by_validation_on_a_gpu(tiny_config, monkeypatch
     config_lib.validate(tiny_config(model={"impl": "core"}))
 
 
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs on this machine's GPU")
-def test_train_refuses_cudnn_on_a_cpu_in_one_line(tiny_flags, tmp_path):
-  """train.py with model.impl=cudnn on a CPU: exit 2, one line naming the impls that run here,
-  no traceback, and no checkpoint written. (eval.py and sample.py re-resolve a saved impl this
-  machine cannot run: test_checkpoints_move_between_the_gpu_and_the_cpu.)"""
+def test_train_refuses_a_kernel_of_another_platform_in_one_line(tiny_flags, tmp_path):
+  """train.py with a kernel this platform cannot run (cuDNN on a CPU, the core on a GPU): exit 2,
+  one line naming the impls that run here, no traceback, and no checkpoint written. (eval.py
+  and sample.py re-resolve a saved impl this machine cannot run:
+  test_checkpoints_move_between_the_gpu_and_the_cpu.)"""
+  here = jax.default_backend()
+  impl = "cudnn" if here == "cpu" else "core"
   workdir = tmp_path / "run"
-  proc = run_script("train.py", *tiny_flags(workdir, model={"impl": "cudnn"}))
+  proc = run_script("train.py", *tiny_flags(workdir, model={"impl": impl}))
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "Traceback" not in proc.stderr
-  assert lines[0].endswith("model.impl=cudnn runs on a gpu only (this platform: cpu); use "
-                           "model.impl=auto, fused, scan, core, onednn")
+  assert lines[0].endswith(f"model.impl={impl} runs on a {kernels.PLATFORMS[impl]} only (this "
+                           f"platform: {here}); use model.impl="
+                           f"{', '.join(layers.runnable_impls(here))}")
   assert not (workdir / "checkpoints").exists()
