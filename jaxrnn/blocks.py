@@ -84,12 +84,7 @@ def block_diagonal(params: Params, x: jax.Array, dtype: Any) -> jax.Array:
   optional "b"<heads * j>} (recurrentgemma's BlockDiagonalLinear, xLSTM's LinearHeadwiseExpand)."""
   w = params["w"]
   heads = x.reshape(*x.shape[:-1], w.shape[0], w.shape[1])
-  if dtype == jnp.float32:
-    y = jnp.einsum("...hi,hij->...hj", heads, w)
-  else:  # as `cells.matmul`: operands in dtype, accumulated in float32
-    y = jnp.einsum("...hi,hij->...hj", heads.astype(dtype), w.astype(dtype),
-                   preferred_element_type=jnp.float32)
-  y = y.reshape(*x.shape[:-1], -1)
+  y = cells.einsum("...hi,hij->...hj", heads, w, dtype).reshape(*x.shape[:-1], -1)
   return y + params["b"] if "b" in params else y
 
 

@@ -117,6 +117,24 @@ def matmul(a: jax.Array, b: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
   return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+  """jnp.einsum(spec, a, b) as `matmul`: operands cast to `dtype`, accumulated and returned in
+  float32; for the products with a batch axis (a weight per head) that `matmul` cannot write.
+
+  XLA:CPU's batched dot has no bfloat16 x bfloat16 = float32 (DotThunk: UNIMPLEMENTED, and
+  only once it runs), so on a CPU the rounded operands are multiplied in float32: the same
+  values (a product of two bfloat16s is exact in float32, and the sums are float32 either
+  way), without bfloat16's speed. The platform is the one compiled for, not the default
+  backend, so a computation placed on a GPU host's CPU takes the CPU's form too.
+  """
+  if dtype == jnp.float32:
+    return jnp.einsum(spec, a, b)
+  return jax.lax.platform_dependent(
+      a.astype(dtype), b.astype(dtype),
+      cpu=lambda a, b: jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32)),
+      default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32))
+
+
 def _dtype(compute_dtype: str) -> Any:
   if compute_dtype not in DTYPES:
     raise UserError(f"model.compute_dtype must be one of {', '.join(DTYPES)}, got {compute_dtype!r}")
@@ -419,8 +437,7 @@ def slstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
   def recur(params, carry, gx):
     h, c, n, m = carry
     # Head k's recurrent product gives its (4, h/heads) gate slice; gx is (4, heads, h/heads).
-    gh = jnp.einsum("bkd,kdg->bkg", _heads(h, num_heads).astype(dtype),
-                    params["w_hh"].astype(dtype), preferred_element_type=jnp.float32)
+    gh = einsum("bkd,kdg->bkg", _heads(h, num_heads), params["w_hh"], dtype)
     gh = jnp.swapaxes(gh.reshape(*gh.shape[:2], 4, -1), 1, 2).reshape(gx.shape)
     i, f, z, o = jnp.split(gx + gh, 4, axis=-1)
     log_f_m = m + jax.nn.log_sigmoid(f)

@@ -256,6 +256,45 @@ def test_one_token_at_a_time_equals_the_whole_sequence(name):
     _close(a, b)
 
 
+BFLOAT16 = {  # one layer of each block; xlstm's two are an mLSTM and an sLSTM
+    "residual": dict(block="residual", cell="lstm"),
+    "griffin": dict(block="griffin", cell="rglru", num_heads=2),
+    "xlstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(1,), num_layers=2),
+    "slstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(0,)),  # xlstm's fast twin
+    "mamba": dict(block="mamba", cell="mamba"),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "xlstm" else n
+                                  for n in BFLOAT16])
+def test_each_block_computes_in_bfloat16_close_to_float32(name):
+  """compute_dtype=bfloat16 through model.apply, forward and gradient (the products with a
+  weight per head, griffin's gates and xLSTM's q, k, v and sLSTM gates and recurrence, were
+  a bf16 x bf16 = f32 batched dot, which XLA:CPU refused when it ran): logits and the
+  gradient are finite, moved by the rounding, and within 0.05 of float32's largest entry.
+  bfloat16 keeps 8 significant bits (2^-9 ~ 0.002 relative per operand); over these layers
+  the logits and gradients move by up to 0.011 of their largest entry, so 0.05 has room,
+  while a wrong product is off by the size of the values themselves."""
+  results = {}
+  for dtype in ("float32", "bfloat16"):
+    config = _model_config(hidden_size=16, embed_dim=8, compute_dtype=dtype, **BFLOAT16[name])
+    params, carry = model.init(jax.random.key(0), config, 11), model.initial_carry(config, 2)
+
+    def loss(params, tokens):  # next-token cross-entropy
+      logits = model.apply(params, carry, tokens, model_config=config)[1]
+      log_p = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1)
+      return -jnp.mean(log_p), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        params, jax.random.randint(jax.random.key(1), (2, 6), 0, 11))
+    results[dtype] = (np.asarray(logits),
+                      np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]))
+  for want, got in zip(results["float32"], results["bfloat16"], strict=True):
+    assert np.isfinite(got).all()
+    assert not np.array_equal(got, want)  # the products did round
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.05 * np.abs(want).max())
+
+
 def test_the_stack_is_the_default_and_unchanged(tiny_config):
   """model.block defaults to "stack", whose parameters hold no residual-stream entries."""
   config = tiny_config()
