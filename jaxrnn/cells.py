@@ -457,6 +457,18 @@ MLSTM_EPS = 1e-6  # added to the normalizer, as the authors'
 MLSTM_CHUNK = 64  # steps the parallel form takes at once (xlstm's chunkwise_simple default)
 
 
+def _mlstm_normalized(numerator: jax.Array, qn: jax.Array, m: jax.Array) -> jax.Array:
+  """numerator<..., d> / (max(|qn|, exp(-m)) + eps) with qn, m <...>: the mLSTM's h~, over and
+  under times s = exp(min(m, 0)), so that nothing overflows for any m. exp(-m) is inf in
+  float32 once m < -88.7 (a run of closed gates), and then h~ is finite but its gradient
+  0 * inf = NaN. exp(-m) s = exp(-max(m, 0)) <= 1 and s <= 1 (exactly 1 for m >= 0: the
+  same values bit for bit), and s cancels: the same h~, with a gradient finite everywhere
+  (h~ -> 0 where s underflows)."""
+  s = jnp.exp(jnp.minimum(m, 0.0))
+  denominator = jnp.maximum(jnp.abs(qn) * s, jnp.exp(-jnp.maximum(m, 0.0))) + MLSTM_EPS * s
+  return numerator * s[..., None] / denominator[..., None]
+
+
 def mlstm(num_heads: int = 1, compute_dtype: str = "float32") -> Cell:
   """mLSTM, xLSTM's matrix-memory LSTM (Beck et al. 2024), as in xlstm's
   blocks/mlstm/backends.py (`recurrent_step_stabilized_simple`), per head of d = h / heads:
@@ -519,8 +531,7 @@ def _mlstm(num_heads: int, compute_dtype: str, output_gate: bool) -> Cell:
     c = f_gate[..., None, None] * c + i_gate[..., None, None] * k[..., :, None] * v[..., None, :]
     n = f_gate[..., None] * n + i_gate[..., None] * k
     numerator = jnp.einsum("bkd,bkde->bke", q, c)
-    denominator = jnp.maximum(jnp.abs(jnp.sum(q * n, -1)), jnp.exp(-m)) + MLSTM_EPS
-    h = gate(o, numerator / denominator[..., None]).reshape(gx.shape[0], -1)
+    h = gate(o, _mlstm_normalized(numerator, jnp.sum(q * n, -1), m)).reshape(gx.shape[0], -1)
     return (h, c, n, m), h
 
   def chunk(carry, gx):
@@ -542,8 +553,7 @@ def _mlstm(num_heads: int, compute_dtype: str, output_gate: bool) -> Cell:
     numerator = (jnp.einsum("bkts,bksd->bktd", scores, v)
                  + carried[..., None] * jnp.einsum("bktd,bkde->bkte", q, c0))
     qn = scores.sum(-1) + carried * jnp.einsum("bktd,bkd->bkt", q, n0)
-    h_tilde = numerator / (jnp.maximum(jnp.abs(qn), jnp.exp(-m)) + MLSTM_EPS)[..., None]
-    hs = gate(o, h_tilde)  # <b, heads, t, d>
+    hs = gate(o, _mlstm_normalized(numerator, qn, m))  # <b, heads, t, d>
     hs = jnp.moveaxis(hs, 2, 0).reshape(gx.shape[0], gx.shape[1], -1)  # <t, b, h>
     last = d[..., -1, :]  # the last step's weights <b, heads, s>
     c = carried[..., -1, None, None] * c0 + jnp.einsum("bks,bksd,bkse->bkde", last, k, v)

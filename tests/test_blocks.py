@@ -19,7 +19,7 @@ import reference_mamba
 import reference_xlstm
 from configs import default
 from conftest import run_script
-from jaxrnn import UserError, blocks, checkpoint, config as config_lib, model, train
+from jaxrnn import UserError, blocks, cells, checkpoint, config as config_lib, model, train
 from jaxrnn.tasks import lm
 
 B, T, SPLIT = 2, 11, 4  # a sequence of T steps, also run as [0, SPLIT) then [SPLIT, T)
@@ -174,6 +174,86 @@ def test_xlstm_slstm_block_equals_the_authors():
   _close(conv_state, state["conv_state"])
   for got_leaf, want_leaf in zip(cell_state, state["slstm_state"], strict=True):
     _close(got_leaf, want_leaf)
+
+
+def _mlstm_gates_at_minus_200():
+  """gx<b, t, 3h + 2 heads> and a carry for the mLSTM memory (2 heads of 2, b 2, 5 steps) whose
+  stabilizer m is -100 and -200 in the carry, -150 after step 0 (i -150, f -60) and -200 after
+  step 1 (i -200), where exp(-m) is past float32's largest number (m < -88.7); then the gates
+  open (i, f ~ N(0, 1)) and m is i, so steps 2 to 4 give outputs of order 1."""
+  b, t, heads, d = 2, 5, 2, 2
+  rng = np.random.default_rng(5)
+  qkv = rng.normal(size=(b, t, 3 * heads * d))
+  i, f = rng.normal(size=(2, b, t, heads))
+  i[:, :2] += np.array([-150.0, -200.0])[:, None]
+  f[:, :2] -= 60.0
+  carry = (np.zeros((b, heads * d)), rng.normal(size=(b, heads, d, d)),
+           rng.normal(size=(b, heads, d)), np.array([[-100.0, -200.0], [-200.0, -100.0]]))
+  return np.concatenate([qkv, i, f], axis=-1), carry
+
+
+def _mlstm_reference(gx, carry):
+  """tests/reference_xlstm.py's mLSTM (the authors' recurrent_step_stabilized_simple, float64)
+  on the layout of `_mlstm_gates_at_minus_200` -> (h<b, t, h>, (C, n, m) as jaxrnn's carry)."""
+  b, t, heads, d = *gx.shape[:2], *carry[2].shape[1:]
+  q, k, v = (np.swapaxes(x.reshape(b, t, heads, d), 1, 2)
+             for x in np.split(gx[..., :3 * heads * d], 3, axis=-1))
+  i, f = (np.swapaxes(x, 1, 2) for x in np.split(gx[..., 3 * heads * d:], 2, axis=-1))
+  _, c, n, m = carry
+  hs, (c, n, m) = reference_xlstm.mlstm_cell_sequence(q, k, v, i, f,
+                                                      (c, n[..., None], m[..., None, None]))
+  return np.swapaxes(hs, 1, 2).reshape(b, t, -1), (c, n[..., 0], m[..., 0, 0])
+
+
+@pytest.mark.parametrize("form", ["step", "parallel"])
+def test_mlstm_normalizer_stays_finite_where_exp_minus_m_overflows(form):
+  """The mLSTM memory's normalizer max(|q n|, exp(-m)) at m = -150 and -200 (a run of closed
+  gates, as training at lr 3e-2 reached), in the step form (lax.scan of `recur`) and the
+  chunked parallel form, in float32: outputs and final carry equal the float64 reference's
+  within 1e-5, and the gradient of sum(w * h) with respect to every gate input and the
+  carry (C, n, m) is finite and equals the reference's (central differences in float64)
+  within 1e-5 of its largest entry (those of steps 0 and 1 and of the carry are ~0: nothing
+  weighted by exp(m) reaches an output of order 1). exp(-m) overflowed to inf there: h stayed
+  finite (a finite numerator over inf) and its gradient was NaN (0 * inf), which stopped
+  training for good."""
+  gx, carry = _mlstm_gates_at_minus_200()
+  w = np.random.default_rng(6).normal(size=gx.shape[:2] + (carry[0].shape[-1],))
+  cell = cells.mlstm_memory(num_heads=2)
+  run = {"step": lambda c, g: jax.lax.scan(lambda c, x: cell.recur({}, c, x), c, g),
+         "parallel": lambda c, g: cell.parallel({}, c, g)}[form]
+
+  def forward(gx, carry):  # batch-major, as the block; the forms take time-major gx
+    carry, hs = run(carry, jnp.swapaxes(gx, 0, 1))
+    return carry, jnp.swapaxes(hs, 0, 1)
+
+  f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  (_, *got_carry), got = jax.jit(forward)(f32(gx), f32(carry))
+  want, want_carry = _mlstm_reference(gx, carry)
+  _close(got, want)
+  for a, b in zip(got_carry, want_carry, strict=True):
+    _close(a, b)
+  loss = lambda gx, carry: jnp.sum(w * forward(gx, carry)[1])
+  got_grads = jax.jit(jax.grad(loss, (0, 1)))(f32(gx), f32(carry))
+  got_grads = [got_grads[0], *got_grads[1][1:]]  # h is no input of the mLSTM's step
+  inputs = [gx, *carry[1:]]
+
+  def reference_loss(j, x):  # sum(w * h) with inputs[j] replaced by x
+    args = inputs[:j] + [x] + inputs[j + 1:]
+    return np.sum(w * _mlstm_reference(args[0], (carry[0], *args[1:]))[0])
+
+  want_grads = []
+  for j, x in enumerate(inputs):
+    want_grads.append(np.zeros(x.shape))
+    for index in np.ndindex(x.shape):
+      step = np.zeros(x.shape)
+      step[index] = 1e-6 * max(1.0, abs(x[index]))
+      want_grads[-1][index] = (reference_loss(j, x + step) - reference_loss(j, x - step)) / (
+          2 * step[index])
+  largest = max(np.abs(g).max() for g in want_grads)
+  for name, got_grad, want_grad in zip(("gx", "C", "n", "m"), got_grads, want_grads,
+                                       strict=True):
+    assert np.isfinite(np.asarray(got_grad)).all(), f"NaN or inf in the gradient of {name}"
+    _close(got_grad, want_grad, atol=1e-5 * largest)
 
 
 # ---------------------------------------------------------------------------------------------
