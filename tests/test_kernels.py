@@ -74,6 +74,75 @@ def test_cpu_kernels_match_the_xla_scan(impl, family, num_layers, b, t):
   _assert_close(grad(impl)(params, carries, xs), grad("scan")(params, carries, xs))
 
 
+def _family_cell(family, dtype=jnp.float32):
+  """The cell a kernel family runs ("rnn_relu": the rnn with relu), with `dtype` operands."""
+  name, _, nonlinearity = family.partition("_")
+  options = {"nonlinearity": nonlinearity} if nonlinearity else {}
+  return cells.get(name, compute_dtype=jnp.dtype(dtype).name, **options)
+
+
+def _family_layers(family, dtype, t, impl, b=3, seed=0):
+  """{"value": (kernel, scan), "loss": (kernel, scan)}, jitted, and their args (params, a random
+  nonzero carry, xs<b, t, D>): `family`'s layer through `kernels.LAYERS[impl]` and through the
+  XLA scan (`layers.recurrence`) -> (carry, ys<b, t, H>), and <ys, d_ys> + <carry, d_carry>
+  with random cotangents -> (that loss, its gradients for params, carry and xs)."""
+  cell = _family_cell(family, dtype)
+  params = cell.init(jax.random.key(seed), D, H)
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  carry = jax.tree.map(lambda z: normal(*z.shape), cell.initial_carry(b, H))
+  xs, d_ys, d_carry = normal(b, t, D), normal(b, t, H), jax.tree.map(
+      lambda z: normal(*z.shape), carry)
+
+  def kernel(p, c, x):
+    return kernels.LAYERS[impl](family, p, c, x, cell.dtype)
+
+  def scan(p, c, x):
+    c, ys = layers.recurrence(cell, "scan", t)(p, c, jnp.swapaxes(x, 0, 1), 1)
+    return c, jnp.swapaxes(ys, 0, 1)
+
+  def loss(layer, p, c, x):
+    final, ys = layer(p, c, x)
+    return jnp.sum(ys * d_ys) + sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(final),
+                                                                  jax.tree.leaves(d_carry)))
+
+  value_and_grad = lambda layer: jax.value_and_grad(functools.partial(loss, layer),
+                                                    argnums=(0, 1, 2))
+  return {"value": (jax.jit(kernel), jax.jit(scan)),
+          "loss": (jax.jit(value_and_grad(kernel)), jax.jit(value_and_grad(scan)))}, (
+              params, carry, xs)
+
+
+# (impl, family, dtype) of every CPU kernel's families and operand types.
+KERNEL_FAMILIES = [pytest.param("core", f, d, marks=needs_core) for f in kernels.FAMILIES["core"]
+                   for d in kernels.DTYPES["core"]] + [
+    pytest.param("onednn", f, jnp.float32, marks=needs_onednn) for f in kernels.FAMILIES["onednn"]]
+
+
+@pytest.mark.parametrize("impl, family, dtype", KERNEL_FAMILIES)
+@pytest.mark.parametrize("b, t", [(1, 0), (3, 0), (3, 1)])
+def test_kernels_give_the_scans_answer_for_zero_and_one_step(impl, family, dtype, b, t):
+  """Zero steps: the carry unchanged to the bit, ys<b, 0, h>, zero weight gradients and the
+  carry's cotangent passed through as its gradient, as the XLA scan gives (oneDNN's GRU
+  primitive failed on batch 1); one step: the scan's values and gradients. A kernel that
+  leaves an output as XLA allocated it fails: each call follows a computation that frees
+  NaN-filled buffers of the carry's size."""
+  passes, args = _family_layers(family, dtype, t, impl, b)
+  # bfloat16: the scan's gradients round other operands than the core's (1e-2 apart here).
+  rtols = {"value": 1e-5, "loss": 1e-5} if dtype == jnp.float32 else {"value": 1e-3,
+                                                                      "loss": 2e-2}
+  poison = jax.jit(lambda c: jax.tree.map(lambda a: a * jnp.nan, c))
+  for _ in range(3):
+    for name, (kernel, scan) in passes.items():
+      jax.block_until_ready(poison(args[1]))
+      got, want = kernel(*args), scan(*args)
+      if t == 0:
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+          np.testing.assert_array_equal(g, w)
+      else:
+        _assert_close(got, want, rtol=rtols[name])
+
+
 @needs_core
 @pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
 def test_the_core_matches_the_xla_scan_over_whole_and_partial_vectors(family):

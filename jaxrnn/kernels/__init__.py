@@ -427,7 +427,8 @@ def _core_bwd(family, dtype, residuals, cotangents):
   d_gh = res[1].reshape(b * t, g) if two else d_gx
   d_states = res[2 if two else 1:]
   rows = lambda x: x.reshape(b * t, x.shape[-1])
-  h_prev = jnp.concatenate([states[0][:, None], ys[:, :-1]], axis=1)
+  # Each step's input state [b, t, h]; none at t = 0 (the concatenation alone holds h0).
+  h_prev = jnp.concatenate([states[0][:, None], ys[:, :-1]], axis=1)[:, :t]
   d = params["w_ih"].shape[0]  # the input's width; for tokens, the vocabulary
   if _tokens(xs):
     d_w_ih = jax.ops.segment_sum(_rounded(d_gx, dtype), xs.reshape(-1), num_segments=d)

@@ -215,6 +215,23 @@ Shape ShapeOf(const ffi::AnyBuffer& x, const ffi::AnyBuffer& h0) {
   return Shape{xd[1], xd[0], xd[2], hd[1]};
 }
 
+// Zero steps, which oneDNN's primitives do not run (they fail, or leave the outputs as XLA
+// allocated them), are written by the handlers: a state, or its gradient, passed through
+// (rets[to] = args[from]), and zero weight gradients.
+bool NoSteps(const ffi::RemainingArgs& args) {
+  return args.get<ffi::AnyBuffer>(0).value().dimensions()[1] == 0;
+}
+
+void CopyArg(const ffi::RemainingArgs& args, int from, ffi::RemainingRets& rets, int to) {
+  const ffi::AnyBuffer arg = args.get<ffi::AnyBuffer>(from).value();
+  std::memcpy(Ptr(*rets.get<ffi::AnyBuffer>(to).value()), Ptr(arg), arg.size_bytes());
+}
+
+void ZeroRet(ffi::RemainingRets& rets, int i) {
+  const ffi::AnyBuffer ret = *rets.get<ffi::AnyBuffer>(i).value();
+  std::memset(Ptr(ret), 0, ret.size_bytes());
+}
+
 // What both passes bind: inputs x, h0, [c0], w_layer, w_iter, bias (args 0..), weights put
 // in the primitive's layouts by the plan's reorders.
 std::unordered_map<int, memory> BindInputs(const Plan& plan, const Descs& plain, bool c,
@@ -247,6 +264,10 @@ std::unordered_map<int, memory> BindInputs(const Plan& plan, const Descs& plain,
 template <Cell cell, Pass pass>
 ffi::Error Forward(ffi::RemainingArgs args, ffi::RemainingRets rets) {
   constexpr bool c = HasCellState(cell);
+  if (NoSteps(args)) {  // hT = h0, [cT = c0]
+    for (int i = 1; i <= 1 + c; ++i) CopyArg(args, i, rets, i);
+    return ffi::Error::Success();
+  }
   try {
     TheWorker().Run([&] {
       auto ret = [&](size_t i) { return Ptr(*rets.get<ffi::AnyBuffer>(i).value()); };
@@ -272,6 +293,13 @@ ffi::Error Forward(ffi::RemainingArgs args, ffi::RemainingRets rets) {
 template <Cell cell>
 ffi::Error Backward(ffi::RemainingArgs args, ffi::RemainingRets rets) {
   constexpr bool c = HasCellState(cell);
+  // Inputs after the weights: y, hT, [cT], workspace, dy, dhT, [dcT].
+  const int out = 5 + c, ws = out + 2 + c, d_out = ws + 1;
+  if (NoSteps(args)) {  // dh0 = dhT, [dc0 = dcT]; dw_layer, dw_iter, dbias = 0
+    for (int i = 0; i <= c; ++i) CopyArg(args, d_out + 1 + i, rets, 1 + i);
+    for (int i = 2 + c; i < 5 + c; ++i) ZeroRet(rets, i);
+    return ffi::Error::Success();
+  }
   try {
     TheWorker().Run([&] {
       auto arg = [&](size_t i) { return Ptr(args.get<ffi::AnyBuffer>(i).value()); };
@@ -282,8 +310,6 @@ ffi::Error Backward(ffi::RemainingArgs args, ffi::RemainingRets rets) {
       const Descs plain(cell, s, tag::ldigo);
       dnnl::stream stream(Engine());
       auto io = BindInputs(plan, plain, c, stream, args);
-      // Inputs after the weights: y, hT, [cT], workspace, dy, dhT, [dcT].
-      const int out = 5 + c, ws = out + 2 + c, d_out = ws + 1;
       io[DNNL_ARG_DST_LAYER] = Wrap(plain.y, arg(out));
       io[DNNL_ARG_DST_ITER] = Wrap(plain.state, arg(out + 1));
       io[DNNL_ARG_WORKSPACE] = Wrap(plan.pd.workspace_desc(), arg(ws));

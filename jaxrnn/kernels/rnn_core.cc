@@ -671,8 +671,13 @@ ffi::Error ForwardHandler(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Re
   ForwardIo io{Ptr(arg(0)), Ptr(arg(1)), gru ? Ptr(arg(2)) : nullptr, Ptr(arg(2 + gru)),
                c ? Ptr(arg(3 + gru)) : nullptr, ret(0), ret(1), c ? ret(2) : nullptr,
                kTrain && C::kAux ? ret(2 + c) : nullptr};
+  if (s.t == 0) {  // no steps: the state passes through (XLA does not clear the outputs)
+    std::memcpy(io.h_last, io.h0, s.b * s.h * sizeof(float));
+    if (c) std::memcpy(io.c_last, io.c0, s.b * s.h * sizeof(float));
+    return ffi::Error::Success();
+  }
   Team team(pool);
-  if (s.t > 0) Forward<C, T>(team, s, io);
+  Forward<C, T>(team, s, io);
   return ffi::Error::Success();
 }
 
@@ -688,8 +693,13 @@ ffi::Error BackwardHandler(ffi::ThreadPool pool, ffi::RemainingArgs args,
                 Ptr(arg(2 + c)), Ptr(arg(3 + c)),     Ptr(arg(4 + c)),
                 Ptr(arg(5 + c)), c ? Ptr(arg(6 + c)) : nullptr,
                 ret(0),          gru ? ret(1) : nullptr, ret(1 + gru), c ? ret(2 + gru) : nullptr};
+  if (s.t == 0) {  // no steps: the final state's gradient is the initial state's
+    std::memcpy(io.d_h0, io.d_h_last, s.b * s.h * sizeof(float));
+    if (c) std::memcpy(io.d_c0, io.d_c_last, s.b * s.h * sizeof(float));
+    return ffi::Error::Success();
+  }
   Team team(pool);
-  if (s.t > 0) Backward<C, T>(team, s, io);
+  Backward<C, T>(team, s, io);
   return ffi::Error::Success();
 }
 
