@@ -144,6 +144,37 @@ def test_kernels_give_the_scans_answer_for_zero_and_one_step(impl, family, dtype
 
 
 @needs_core
+@pytest.mark.parametrize("dtype", kernels.DTYPES["core"])
+@pytest.mark.parametrize("family", kernels.FAMILIES["core"])
+@pytest.mark.parametrize("where", ["w_hh", "b", "carry"])
+def test_the_core_propagates_nan_and_inf_as_the_xla_scan_does(where, family, dtype):
+  """One NaN in W_hh, in the bias or in the carry: the core's outputs, final carry, loss and
+  every gradient are NaN exactly where the XLA scan's are (sigmoid, tanh, relu and the
+  bfloat16 rounding of NaN are NaN, not a bound or a number); also for a NaN with every
+  fraction bit set, which rounding to bfloat16 must keep a NaN. An infinity there gives
+  outputs and a final carry NaN and inf where the scan's are: an infinite unit of the state
+  meets the zero padding of a partial vector of weights (H = 6), and must not spread from
+  there to every unit. (Not its gradients: the core's tanh saturates at 1 - 2^-22, XLA's at 1,
+  so a gradient's 0 * inf is NaN in XLA where the core's is inf.)"""
+  passes, (params, carry, xs) = _family_layers(family, dtype, 4, "core")
+  all_ones = np.array(0x7FFFFFFF, np.uint32).view(np.float32)
+  for bad in (np.float32(np.nan), all_ones, np.float32(np.inf)):
+    if where == "carry":
+      args = (params, jax.tree.map(lambda c: c.at[1, 2].set(bad), carry), xs)
+    else:
+      args = ({**params, where: params[where].at[(2, 3)[:params[where].ndim]].set(bad)}, carry,
+              xs)
+    for name in ("value", "loss") if np.isnan(bad) else ("value",):
+      kernel, scan = passes[name]
+      got, want = kernel(*args), scan(*args)
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+        np.testing.assert_array_equal(np.isinf(g), np.isinf(w))
+      if name == "loss":
+        assert np.isnan(got[0])
+
+
+@needs_core
 @pytest.mark.parametrize("family", ["lstm", "gru", "rnn"])
 def test_the_core_matches_the_xla_scan_over_whole_and_partial_vectors(family):
   """Hidden 40 (two and a half AVX-512 vectors, five AVX2 ones) and 64, batch 13 (odd rows for

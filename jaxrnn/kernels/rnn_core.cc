@@ -68,6 +68,11 @@ inline void Store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 template <size_t... I>
 inline vf SplatLanes(float s, std::index_sequence<I...>) { return vf{((void)I, s)...}; }
 inline vf Splat(float s) { return SplatLanes(s, std::make_index_sequence<kW>{}); }
+template <size_t... I>
+inline vi IotaLanes(std::index_sequence<I...>) { return vi{static_cast<int32_t>(I)...}; }
+inline vi Iota() { return IotaLanes(std::make_index_sequence<kW>{}); }  // 0, 1, ..., kW - 1
+// Each gives b when either is NaN (the comparison is false): a clamp Min(hi, Max(lo, x)) keeps
+// a NaN x a NaN, as XLA's functions do, where Min(Max(x, lo), hi) would make it lo.
 inline vf Min(vf a, vf b) { return a < b ? a : b; }
 inline vf Max(vf a, vf b) { return a > b ? a : b; }
 
@@ -88,7 +93,7 @@ inline void StoreN(float* p, vf v, int n) {
 
 // e^x (Cephes' expf: n = round(x / ln 2), a degree-6 polynomial of the rest, times 2^n).
 inline vf Exp(vf x) {
-  x = Min(Max(x, Splat(-87.3f)), Splat(88.0f));  // 2^n stays a normal float
+  x = Min(Splat(88.0f), Max(Splat(-87.3f), x));  // 2^n stays a normal float
   const vf shifter = Splat(12582912.0f);           // 1.5 * 2^23: rounds to an integer
   const vf t = x * Splat(1.44269504088896341f) + shifter;
   const vf n = t - shifter;
@@ -108,7 +113,7 @@ inline vf Sigmoid(vf x) { return Splat(1.0f) / (Splat(1.0f) + Exp(-x)); }
 
 // tanh(x) as Eigen's (and XLA's) float rational approximation x P(x^2) / Q(x^2).
 inline vf Tanh(vf x) {
-  x = Min(Max(x, Splat(-7.90531110763549805f)), Splat(7.90531110763549805f));
+  x = Min(Splat(7.90531110763549805f), Max(Splat(-7.90531110763549805f), x));
   const vf x2 = x * x;
   vf p = Splat(-2.76076847742355e-16f);
   p = p * x2 + Splat(2.00018790482477e-13f);
@@ -148,10 +153,12 @@ inline vf Dot2(vf c, vf a, vf b) {
 #endif
 }
 
-// float32 -> bfloat16 rounded to the nearest even (finite values), in the low half of a lane.
+// float32 -> bfloat16 rounded to the nearest even, in the low half of a lane. A NaN keeps its
+// sign and top fraction bits and is made quiet, so it stays a NaN (as in XLA's conversion):
+// rounding its bits could carry into the exponent or past it, to an infinity or a zero.
 inline vu Bf16Bits(vf x) {
   const vu bits = std::bit_cast<vu>(x);
-  return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  return x != x ? (bits >> 16) | 0x40 : (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
 }
 
 inline bf16 ToBf16(float x) { return static_cast<bf16>(Bf16Bits(Splat(x))[0]); }
@@ -495,12 +502,16 @@ void Forward(Team& team, const Shape<C>& s, const ForwardIo& io) {
             } else {  // rnn
               const vf pre = acc[u] + gate_in(0);
               if constexpr (std::is_same_v<C, Rnn<true>>) {
-                out = Max(pre, vf{});
+                out = Max(vf{}, pre);  // a NaN pre stays NaN (see Max)
               } else {
                 out = Tanh(pre);
               }
             }
-            Store(next + at, out);  // padding units stay 0: their gx, weights and state are 0
+            // Padding units stay 0, which their gx, weights and state give unless a unit of the
+            // state is infinite: inf times W_hh's zero padding is NaN, which the next step's
+            // product (NaN times zero weights) would spread to every unit.
+            if (n < kW) out = Iota() < n ? out : vf{};
+            Store(next + at, out);
             if constexpr (kBf16) StoreBf16(next16 + at, out, kW);
             StoreN(io.ys + (row * t_size + t) * h + uv * kW, out, n);
           }
