@@ -66,6 +66,10 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
 #   cpu       every other cell, size or one step at a time                        scan
 #   gpu       lstm (float32), hidden >= 1024                                       cudnn
 #   gpu, tpu  every other cell or shape                                            fused
+# The GPU rows predate a GPU run of cuDNN from jaxrnn (issue 15's bench of the stack alone);
+# `pallas` (the whole time loop in one Pallas kernel, kernels/pallas_rnn.py) is not in the
+# table: it has not run on a GPU yet, and `auto` takes a kernel only where it measured faster
+# (scripts/gpu_check.py's bench is what will say so).
 # Cells whose hoisted input product pays on a CPU: rnn's gates are as narrow as its state,
 # lnlstm's input product carries a layer norm; mlstm's sequential form keeps every step's
 # d x d memories for the backward pass, its chunked parallel form trains 4x faster (9.2K

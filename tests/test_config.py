@@ -18,7 +18,7 @@ from jaxrnn import UserError, cells, config as config_lib, model, optim, train
     ({"model": {"hidden_size": 0}}, "model.hidden_size must be >= 1, got 0"),
     ({"model": {"num_layers": 0}}, "model.num_layers must be >= 1, got 0"),
     ({"model": {"embed_dim": 0}}, "model.embed_dim must be >= 1 \\(or set model.one_hot=True\\)"),
-    ({"model": {"impl": "cuda"}}, "model.impl must be one of auto, fused, scan, core, onednn, cudnn, got 'cuda'"),
+    ({"model": {"impl": "cuda"}}, "model.impl must be one of auto, fused, scan, core, onednn, cudnn, pallas, got 'cuda'"),
     ({"model": {"compute_dtype": "float16"}}, "model.compute_dtype must be one of"),
     ({"model": {"cell": "rnn", "nonlinearity": "sigmoid"}}, "model.nonlinearity must be one of tanh"),
     ({"model": {"cell": "gru", "forget_bias": 1.0}},

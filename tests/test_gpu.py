@@ -121,6 +121,21 @@ def _gpu_flags(tiny_flags, workdir, steps, **model):
 
 
 @gpu
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn"])
+def test_the_pallas_kernel_trains_as_the_fused_scan_does(tiny_config, tmp_path, name):
+  """model.impl=pallas, compiled for this GPU: 20 steps of a two-layer model (dropout on) give
+  the fused scan's losses to float tolerance, at float32 precision."""
+  losses = {}
+  with jax.default_matmul_precision("highest"):
+    for impl in ("pallas", "fused"):
+      config = tiny_config(model={"cell": name, "num_layers": 2, "dropout": 0.1, "impl": impl},
+                           train={"steps": 20})
+      train.train_and_evaluate(config, str(tmp_path / impl))
+      losses[impl] = [loss for _, loss in _train_losses(tmp_path / impl)]
+  np.testing.assert_allclose(losses["pallas"], losses["fused"], rtol=1e-4)
+
+
+@gpu
 def test_a_gpu_run_with_cudnn_resumes_bit_for_bit(tiny_flags, tmp_path):
   """10 steps, stop, resume to 20 == 20 straight on the GPU, cuDNN in every layer: the same
   params bit for bit and the same losses."""
@@ -207,15 +222,17 @@ def test_sampling_and_beam_search_on_a_gpu_match_the_cpu(tiny_flags, tmp_path):
 # ------------------------------------------------------------------------ on every machine
 
 @pytest.mark.parametrize("impl, platform, can", [
-    ("core", "gpu", "auto, fused, scan, cudnn"), ("onednn", "gpu", "auto, fused, scan, cudnn"),
-    ("cudnn", "cpu", "auto, fused, scan, core, onednn"), ("core", "tpu", "auto, fused, scan")])
+    ("core", "gpu", "auto, fused, scan, cudnn, pallas"),
+    ("onednn", "gpu", "auto, fused, scan, cudnn, pallas"),
+    ("cudnn", "cpu", "auto, fused, scan, core, onednn"),
+    ("pallas", "cpu", "auto, fused, scan, core, onednn"), ("core", "tpu", "auto, fused, scan")])
 def test_a_kernel_on_a_platform_it_cannot_run_on_is_refused_in_one_line(impl, platform, can):
-  """CPU kernels asked for on a GPU (or TPU), cuDNN on a CPU: one line naming the impls that do
-  run there, before anything is built."""
+  """CPU kernels asked for on a GPU (or TPU), cuDNN and Pallas' kernel on a CPU: one line naming
+  the impls that do run there, before anything is built."""
   with pytest.raises(UserError) as e:
     layers.check(cells.get("lstm"), impl, platform)
-  assert str(e.value) == (f"model.impl={impl} runs on a {'gpu' if impl == 'cudnn' else 'cpu'} "
-                          f"only (this platform: {platform}); use model.impl={can}")
+  assert str(e.value) == (f"model.impl={impl} runs on a {kernels.PLATFORMS[impl]} only (this "
+                          f"platform: {platform}); use model.impl={can}")
 
 
 def test_a_cpu_kernel_is_refused_by_validation_on_a_gpu(tiny_config, monkeypatch):
@@ -223,7 +240,7 @@ def test_a_cpu_kernel_is_refused_by_validation_on_a_gpu(tiny_config, monkeypatch
   a GPU (simulated here), rather than failing inside XLA's compiler."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   with pytest.raises(UserError, match=r"^model.impl=core runs on a cpu only \(this platform: "
-                     r"gpu\); use model.impl=auto, fused, scan, cudnn$"):
+                     r"gpu\); use model.impl=auto, fused, scan, cudnn, pallas$"):
     config_lib.validate(tiny_config(model={"impl": "core"}))
 
 

@@ -202,3 +202,15 @@ def test_the_kernels_lower_to_triton_for_cuda(family, dtype):
         lowering_platforms=("cuda",)))
     assert sorted(modules) == [f"{family}_backward_kernel", f"{family}_forward_kernel"]
     assert all("tt.dot" in text and "tf32" not in text for text in modules.values())
+
+
+def test_registered_as_model_impl_pallas_reading_tokens_one_hot():
+  """kernels.LAYERS["pallas"], what model.impl=pallas runs: a folded embedding's tokens read as
+  one-hot rows of W_ih, to the scan's values over the same rows."""
+  from jaxrnn import kernels
+  cell, params, carry, _, _, _ = _setup("lstm", 3, 4, 9, 7)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 9, (3, 4)), jnp.int32)
+  with jax.default_matmul_precision("highest"):
+    got = kernels.LAYERS["pallas"]("lstm", params, carry, tokens, jnp.float32)
+    want = _scan(cell, params, carry, jax.nn.one_hot(tokens, 9))
+  _assert_close(got, want, rtol=1e-5)

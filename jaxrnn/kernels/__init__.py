@@ -22,6 +22,9 @@ into each kernel's layout.
                       forward_training plus backward under a custom VJP). Built by `pip install`
                       where a C++ compiler and Intel's onednn wheels are at hand (x86-64 Linux).
   cudnn   lstm        `jax.experimental.rnn.lstm`, cuDNN's LSTM with its own VJP (GPU only).
+  pallas  lstm, gru,  pallas_rnn.py (beside this file): the whole time loop in one Pallas
+          rnn         (Triton) kernel per layer and pass, under one custom VJP (GPU only; the
+                      tests run it on a CPU in Pallas' interpreter).
 
 Each has a pure-JAX twin, the cell's own scan (`layers.recurrence`), which the tests compare
 against, and `layers.resolve` falls back to it where a kernel cannot run.
@@ -42,15 +45,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrnn.cells import Carry, Params, matmul
+from jaxrnn.kernels import pallas_rnn
 
 FAMILIES = {"core": ("lstm", "gru", "rnn_tanh", "rnn_relu"), "onednn": ("lstm", "gru"),
-            "cudnn": ("lstm",)}
+            "cudnn": ("lstm",), "pallas": ("lstm", "gru", "rnn_tanh", "rnn_relu")}
 # The products' operand types (model.compute_dtype) each kernel runs; accumulation is float32.
 DTYPES = {"core": (jnp.float32, jnp.bfloat16), "onednn": (jnp.float32,),
-          "cudnn": (jnp.float32,)}
+          "cudnn": (jnp.float32,), "pallas": (jnp.float32, jnp.bfloat16)}
 # The JAX platform each kernel runs on: the CPU kernels are XLA:CPU custom calls, cuDNN a GPU
 # library; `layers.check` refuses any other pairing before anything is built.
-PLATFORMS = {"core": "cpu", "onednn": "cpu", "cudnn": "gpu"}
+PLATFORMS = {"core": "cpu", "onednn": "cpu", "cudnn": "gpu", "pallas": "gpu"}
 _SUFFIX = {jnp.dtype(jnp.float32): "", jnp.dtype(jnp.bfloat16): "_bf16"}  # rnn_core.cc's handlers
 _CELL_ID = {"lstm": 0, "gru": 1}  # `Cell` in onednn_rnn.cc
 _HANDLERS = [f"jaxrnn_{family}_{p}" for family in _CELL_ID for p in ("infer", "train", "grad")]
@@ -140,8 +144,8 @@ def _load_onednn() -> tuple[ctypes.CDLL | None, str]:
       lib = ctypes.CDLL(str(extension))
   except OSError as e:
     return None, f"loading oneDNN failed: {e}"
-  for name in _HANDLERS:
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+  if why := _register([getattr(lib, name) for name in _HANDLERS]):
+    return None, why
   lib.jaxrnn_workspace_bytes.restype = ctypes.c_int64
   lib.jaxrnn_workspace_bytes.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 4
   return lib, ""
@@ -192,9 +196,21 @@ def _load_core() -> tuple[ctypes.CDLL | None, str]:
     return None, f"loading jaxrnn's core failed: {e}"
   except AttributeError as e:  # built from an older rnn_core.cc
     return None, f"jaxrnn's core is out of date ({e}): rebuild it with `pip install -e .`"
-  for handler in handlers:
-    jax.ffi.register_ffi_target(handler.__name__, jax.ffi.pycapsule(handler), platform="cpu")
+  if why := _register(handlers):
+    return None, why
   return lib, ""
+
+
+def _register(handlers: list[Any]) -> str:
+  """Registers the FFI handlers with XLA: "", or why not (a jaxlib whose FFI the extension was
+  not built against refuses them: a jax upgrade falls back to XLA with a note, not a crash)."""
+  try:
+    for handler in handlers:
+      jax.ffi.register_ffi_target(handler.__name__, jax.ffi.pycapsule(handler), platform="cpu")
+  except Exception as e:  # XLA's registry raises its own types
+    return (f"XLA refused its FFI handlers ({type(e).__name__}: {str(e)[:200]}): rebuild it for "
+            "this jaxlib with `pip install -e .`")
+  return ""
 
 
 def _check_dtype(impl: str, dtype: Any) -> None:
@@ -209,9 +225,10 @@ def unavailable(impl: str) -> str:
     return _load_core()[1]
   if impl == "onednn":
     return _load_onednn()[1]
-  if impl == "cudnn":
+  if impl in ("cudnn", "pallas"):
     return "" if jax.default_backend() == "gpu" else (
-        f"cuDNN needs a GPU (this platform: {jax.default_backend()})")
+        f"{'cuDNN' if impl == 'cudnn' else 'the Pallas kernel'} needs a GPU (this platform: "
+        f"{jax.default_backend()})")
   raise ValueError(f"not a kernel: {impl!r}")
 
 
@@ -350,6 +367,8 @@ def cudnn_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
   h, c = carry
   xs = dense(params, xs)
   b, t, d = xs.shape
+  if t == 0:  # no step: cuDNN is not asked to run an empty sequence
+    return carry, jnp.zeros((b, 0, h.shape[-1]), jnp.float32)
   ys, h_n, c_n = rnn.lstm(xs, h[None], c[None], cudnn_weights(params),
                           jnp.full((b,), t, jnp.int32), input_size=d, hidden_size=h.shape[-1],
                           num_layers=1, dropout=0.0, bidirectional=False)
@@ -456,8 +475,19 @@ def core_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
   return _core(family, jnp.dtype(dtype), params, carry, xs)
 
 
+# ----------------------------------------------------------------------------------- Pallas
+
+def pallas_layer(family: str, params: Params, carry: Carry, xs: jax.Array,
+                 dtype: Any = jnp.float32) -> tuple[Carry, jax.Array]:
+  """A `family` layer over xs<float32>[b, t, d] (or tokens, see `dense`) in the Pallas kernel
+  (`pallas_rnn.pallas_layer`: compiled on a GPU, interpreted elsewhere) -> (carry, ys)."""
+  _check_dtype("pallas", dtype)
+  return pallas_rnn.pallas_layer(family, params, carry, dense(params, xs), jnp.dtype(dtype))
+
+
 Layer = Callable[[str, Params, Carry, jax.Array, Any], tuple[Carry, jax.Array]]
-LAYERS: dict[str, Layer] = {"core": core_layer, "onednn": onednn_layer, "cudnn": cudnn_layer}
+LAYERS: dict[str, Layer] = {"core": core_layer, "onednn": onednn_layer, "cudnn": cudnn_layer,
+                            "pallas": pallas_layer}
 
 
 def per_pass(infer: str, train: str) -> Layer:
