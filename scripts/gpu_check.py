@@ -50,7 +50,7 @@ VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "flax", "optax", "orbax-checkp
 _OUT = flags.DEFINE_string("out", "gpu_check", "Directory for gpu_check.json and bench.txt.")
 _WORK = flags.DEFINE_string("work", "", "Directory for runs and per-phase files ('': a temp dir).")
 _PHASES = flags.DEFINE_list("phases", ["tests", "bench", "recipes"], "Which phases to run.")
-_RECIPES = flags.DEFINE_list("recipes", ["shakespeare_gpu"],
+_RECIPES = flags.DEFINE_list("recipes", ["shakespeare_gpu", "shakespeare_gpu@pallas"],
                              "configs/<name>.py to train to the end; name@impl sets model.impl.")
 _IMPLS = flags.DEFINE_list("impls", ["fused", "cudnn", "pallas"],
                            "jaxrnn rows of the bench (those not known here are left out).")
@@ -185,9 +185,12 @@ def bench_phase(work: pathlib.Path, clock: Clock, env: dict[str, str],
 def recipe_phase(work: pathlib.Path, clock: Clock, env: dict[str, str],
                  dry: bool) -> dict[str, Any]:
   """Each recipe trained to its end: the final JSON line, tokens/s and wall time."""
+  from jaxrnn import layers
   results = {}
   for spec in _RECIPES.value:
     name, _, impl = spec.partition("@")
+    if dry and impl and impl not in layers.runnable_impls("cpu"):
+      continue  # a GPU kernel: nothing of the script's own to check on a CPU
     workdir = work / "runs" / spec.replace("@", "_")
     shutil.rmtree(workdir, ignore_errors=True)
     cmd = [sys.executable, "scripts/train.py", f"--config=configs/{name}.py",

@@ -144,3 +144,22 @@ def test_bad_beams_are_user_errors(setup):
     sample.beam_search(params, config, jnp.array([1]), 5, 0)
   with pytest.raises(UserError, match=f"more than the {V * V} continuations.*at most {V * V}"):
     sample.beam_search(params, config, jnp.array([1]), 2, V * V + 1)
+
+
+def test_a_one_character_prefix_samples_the_same_text_with_a_kernel(tiny_flags, script, tmp_path):
+  """sample.py on a run trained in the core (model.impl=core, kept for sampling): the default
+  one-character prefix warms up on zero steps, which once left the kernel's final state
+  unwritten (garbage, different each run); two runs with a seed, and two beam searches, agree."""
+  from jaxrnn import kernels
+  if kernels.unavailable("core"):
+    pytest.skip(f"jaxrnn's core cannot run: {kernels.unavailable('core')}")
+  workdir = tmp_path / "run"
+  trained = script("train.py", *tiny_flags(workdir, model={"impl": "core", "cell": "gru"}))
+  assert trained.returncode == 0, trained.stderr
+  texts = [script("sample.py", f"--workdir={workdir}", "--seed=0", "--length=30") for _ in "ab"]
+  beams = [script("sample.py", f"--workdir={workdir}", "--beam=3", "--prefix=t", "--length=8")
+           for _ in "ab"]
+  assert all(p.returncode == 0 for p in texts + beams)
+  assert texts[0].stdout == texts[1].stdout and beams[0].stdout == beams[1].stdout
+  log_probs = [p.stderr.split("best first: ")[1] for p in beams]
+  assert log_probs[0] == log_probs[1]
