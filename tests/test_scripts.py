@@ -501,24 +501,48 @@ def test_the_restart_leaves_wrapper_programs_alone():
   assert cli._wrapped(["/usr/bin/coverage", "run"]) and cli._wrapped(["-u", "memray", "run"])
 
 
-def test_jaxrnn_trains_where_the_c_library_cannot_be_opened_by_name(tiny_flags, tmp_path):
-  """Windows (simulated: ctypes.CDLL(None) raises TypeError, no fcntl, no /proc): train.py
-  starts, falls back to XLA with a note, trains and saves."""
-  shim = tmp_path / "sitecustomize.py"
-  shim.write_text(
-      "import ctypes, sys\n"
-      "class _CDLL(ctypes.CDLL):\n"
-      "  def __init__(self, name, *a, **k):\n"
-      "    if name is None: raise TypeError('expected str, bytes or os.PathLike, not NoneType')\n"
-      "    super().__init__(name, *a, **k)\n"
-      "ctypes.CDLL = _CDLL\n"
-      "sys.modules['fcntl'] = None\n")
+# What Windows and macOS answer where Linux has /proc, glibc and Intel's oneDNN wheel, as a
+# sitecustomize.py run before the script: no /proc, no oneDNN wheel (its platform marker is
+# Linux), and ctypes.CDLL(None) raising (Windows) or a C library without glibc's functions.
+_NOT_LINUX = """
+import builtins, ctypes, importlib.metadata, sys
+_open, _distribution = builtins.open, importlib.metadata.distribution
+def _no_proc(file, *a, **k):
+  if str(file).startswith(("/proc/", "/sys/")): raise FileNotFoundError(2, "No such file", file)
+  return _open(file, *a, **k)
+def _no_onednn(name):
+  if name.startswith("onednn"): raise importlib.metadata.PackageNotFoundError(name)
+  return _distribution(name)
+builtins.open, importlib.metadata.distribution = _no_proc, _no_onednn
+class _CDLL(ctypes.CDLL):
+  def __init__(self, name, *a, **k):
+    if name is None and WINDOWS:
+      raise TypeError("expected str, bytes or os.PathLike, not NoneType")
+    super().__init__("libm.so.6" if name is None else name, *a, **k)  # no malloc functions
+ctypes.CDLL = _CDLL
+if WINDOWS:
+  sys.modules["fcntl"] = None
+"""
+
+
+@pytest.mark.parametrize("system", ["Windows", "macOS"])
+def test_jaxrnn_trains_where_linux_answers_are_missing(system, tiny_flags, tmp_path):
+  """Windows and macOS, simulated (no /proc nor oneDNN wheel; the C library not openable by
+  name, or without glibc's malloc functions; Windows without fcntl): train.py starts, `auto`
+  falls back to XLA saying once why each kernel is missing, and the run trains and saves."""
+  (tmp_path / "sitecustomize.py").write_text(f"WINDOWS = {system == 'Windows'}\n{_NOT_LINUX}")
   from conftest import run_script
-  proc = run_script("train.py", *tiny_flags(tmp_path / "run"), env={
+  proc = run_script("train.py", *tiny_flags(tmp_path / "run", model={"hidden_size": 64}), env={
       "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
   assert proc.returncode == 0, proc.stderr
   assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 5
-  assert "note: this platform has no file locks" in proc.stderr
+  notes = [line for line in proc.stderr.splitlines() if "model.impl=auto runs" in line]
+  assert notes == [  # each kernel it lacks said once, with why
+      "note: model.impl=auto runs the next fastest path, not onednn: the onednn-cpu-gomp "
+      "package (libdnnl.so.3) is not installed",
+      "note: model.impl=auto runs the next fastest path, not core: jaxrnn's core needs an "
+      "x86-64 CPU with AVX-512 or AVX2 and FMA"], proc.stderr
+  assert ("note: this platform has no file locks" in proc.stderr) == (system == "Windows")
 
 
 def test_a_reader_that_goes_away_stops_no_run(tiny_flags, tmp_path):

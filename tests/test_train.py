@@ -231,7 +231,7 @@ def test_training_beats_the_unigram_model(tiny_config, tmp_path):
     ({"cell": "mingru"}, 30),
     ({"cell": "rglru", "num_layers": 2, "dropout": 0.1}, 30),
     ({"cell": "slstm", "num_layers": 2, "dropout": 0.1, "num_heads": 2}, 30),
-    ({"cell": "mlstm", "num_layers": 2, "dropout": 0.1, "num_heads": 2}, 60),  # long memories
+    ({"cell": "mlstm", "num_layers": 2, "dropout": 0.1, "num_heads": 2}, 80),  # long memories
 ], ids=lambda m: m["cell"] if isinstance(m, dict) else str(m))
 def test_a_cell_swap_alone_trains_the_lm(tiny_config, tmp_path, model_config, steps):
   """--config.model.cell=<name> alone (with heads and a stack for xLSTM's cells): a short LM
