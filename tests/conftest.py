@@ -2,8 +2,10 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Any, Callable
 
 import pytest
@@ -26,8 +28,20 @@ TINY_CLASSIFY = {"task": "classify",
 
 
 def pytest_configure(config):
-  del config
   os.environ.setdefault("JAXRNN_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data"))
+  # One persistent compilation cache for the session, its workers and the scripts they start:
+  # most tests compile the same tiny models again (a training step per script run), and XLA's
+  # compilation is most of the suite's time. Set before jax is imported, which reads it.
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    config.jaxrnn_cache = tempfile.mkdtemp(prefix="jaxrnn-test-xla-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=config.jaxrnn_cache,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def pytest_unconfigure(config):
+  if cache := getattr(config, "jaxrnn_cache", None):
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -438,8 +438,11 @@ def test_a_run_with_a_block_resumes_bit_for_bit(name, tiny_config, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in RUNS])
+# Half a minute each (two script runs, one on four simulated devices): all in the slow suite
+# (run with -m slow); the fast suite keeps test_parallel.py's four devices against one for the
+# stack.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
 def test_four_devices_equal_one_with_a_block(name, tiny_flags, tmp_path):
   """The same 10-step run (dropout on) on 4 simulated devices and on 1: final parameters within
   1e-5 (Adam's normalized steps carry the devices' differently ordered sums into the 1e-6s)."""

@@ -504,20 +504,20 @@ def test_a_field_that_shapes_the_model_cannot_change_on_resume(tiny_config, bloc
                           f"trained with {before!r}; keep it, or use a new --workdir")
 
 
-def test_resuming_griffin_with_other_heads_is_refused_and_changes_nothing(tiny_flags, script,
-                                                                          tmp_path):
-  """train.py on a griffin run (4 heads) resumed with num_heads=2: exit 2, one line naming the
-  field, and the workdir as it was (config.json, checkpoints)."""
+def test_resuming_with_another_block_is_refused_and_changes_nothing(tiny_flags, script,
+                                                                   tmp_path):
+  """train.py on a stack run resumed with model.block=residual (which reads as an unreadable
+  checkpoint in orbax): exit 2, one line naming the field, and the workdir as it was (its
+  config.json, its checkpoints). The shapes' part is tested above without training."""
   workdir = tmp_path / "run"
-  model = {"block": "griffin", "cell": "rglru", "num_heads": 4, "hidden_size": 16}
-  first = script("train.py", *tiny_flags(workdir, model=model, train={"steps": 2}))
+  first = script("train.py", *tiny_flags(workdir, train={"steps": 2}))
   assert first.returncode == 0, first.stderr
   before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != "lock"}
-  proc = script("train.py", *tiny_flags(workdir, model={**model, "num_heads": 2},
+  proc = script("train.py", *tiny_flags(workdir, model={"block": "residual"},
                                         train={"steps": 4}))
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines() == [
-      "error: model.num_heads is 2 but the checkpoint in this workdir was trained with 4; keep "
-      "it, or use a new --workdir"]
+      "error: model.block is 'residual' but the checkpoint in this workdir was trained with "
+      "'stack'; keep it, or use a new --workdir"]
   after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != "lock"}
   assert after == before
