@@ -161,6 +161,7 @@ def test_the_readme_configs_never_trip_the_guard(name, tmp_path):
   from jaxrnn import checkpoint, train
   config = importlib.import_module(f"configs.{name}").get_config()
   config.train.update(unit="steps", steps=40, ckpt_every=3, eval_every=0, log_every=10,
-                      keep=2, tensorboard=False)
+                      keep=2, tensorboard=False,  # a warmup longer than the run is refused:
+                      warmup_steps=min(config.train.warmup_steps, 40))  # the lr's full height
   train.train_and_evaluate(config, str(tmp_path))
   assert checkpoint.manager(tmp_path).all_steps() == [39, 40]
