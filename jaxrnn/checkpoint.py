@@ -40,7 +40,7 @@ from jaxrnn import UserError, blocks, config as config_lib, data, kernels, layer
 # `check_compatible` from the shapes themselves, so that no new field can be forgotten here.
 FROZEN_FIELDS = ("task", "model.cell", "model.block", "data.corpus", "data.tokens",
                  "data.batch_size", "data.seq_len", "train.optimizer", "train.asgd_patience")
-Shapes = Callable[[ml_collections.ConfigDict], Any]  # config -> abstract (state, carry)
+Shapes = Callable[[ml_collections.ConfigDict], Any]  # config -> abstract (params, optimizer state, carry)
 HISTORY = ("val_rows", "val_losses", "guard")  # meta lists a resumed run continues
 
 

@@ -289,6 +289,18 @@ def physical_memory() -> int | None:
     return None
 
 
+def shapes(config: Config, vocab_size: int, steps_per_epoch: int = 1) -> tuple[Any, Any, Any]:
+  """The (params, optimizer state, carry) `config` trains, as `jax.ShapeDtypeStruct`s (nothing
+  is built): what its memory is counted from (`training_memory`), and what a resumed run's
+  config must keep (`checkpoint.check_compatible`)."""
+  task = tasks.get(config.task)
+  params = jax.eval_shape(lambda key: task.init(key, config.model, vocab_size),
+                          jax.random.key(0))
+  opt_state = jax.eval_shape(optim.make_optimizer(config.train, steps_per_epoch).init, params)
+  carry = jax.eval_shape(lambda: task.initial_carry(config.model, config.data.batch_size))
+  return params, opt_state, carry
+
+
 def training_memory(config: Config) -> tuple[int, int, int]:
   """(parameters, bytes of the training state, bytes of activations): a lower bound on what
   training `config` holds at once, from shapes alone (`jax.eval_shape`: nothing is built).
@@ -300,9 +312,7 @@ def training_memory(config: Config) -> tuple[int, int, int]:
   surely could not fit: the vocabulary's rows (the corpus is not read yet; a vocabulary of 2
   is counted), what cells keep besides their outputs (gates) and XLA's scratch.
   """
-  params = jax.eval_shape(lambda key: tasks.get(config.task).init(key, config.model, 2),
-                          jax.random.key(0))
-  opt_state = jax.eval_shape(optim.make_optimizer(config.train).init, params)
+  params, opt_state, _ = shapes(config, vocab_size=2)
   state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((params, params, opt_state)))
   lanes = config.data.batch_size // config.train.accumulate
   activations = lanes * config.data.seq_len * sum(model.layer_sizes(config.model)) * 4

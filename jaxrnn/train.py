@@ -46,14 +46,6 @@ def create_train_state(config: Config, vocab_size: int,
                     rng=dropout_key)
 
 
-def abstract_state(config: Config, vocab_size: int, steps_per_epoch: int = 1) -> Any:
-  """The shapes of the (state, carry) `config` trains, as `jax.ShapeDtypeStruct`s: what a
-  resumed run's config must keep (`checkpoint.check_compatible`)."""
-  tx = optim.make_optimizer(config.train, steps_per_epoch)
-  return jax.eval_shape(lambda: (create_train_state(config, vocab_size, tx), tasks.get(
-      config.task).initial_carry(config.model, config.data.batch_size)))
-
-
 def train_step(state: TrainState, batch: dict[str, jax.Array], carry: Any, *, config: Config,
                tx: optax.GradientTransformation, steps_per_epoch: int = 1,
                across_devices: bool = False) -> tuple[TrainState, Any, dict[str, jax.Array]]:
@@ -217,7 +209,7 @@ def _train(run: Run, workdir: pathlib.Path) -> dict[str, Any]:
   tx = optim.make_optimizer(config.train, run.steps_per_epoch)
   zeros = task.initial_carry(config.model, config.data.batch_size)
   mngr = checkpoint.manager(workdir, config.train.keep)
-  shapes = functools.partial(abstract_state, vocab_size=len(vocab),
+  shapes = functools.partial(config_lib.shapes, vocab_size=len(vocab),
                              steps_per_epoch=run.steps_per_epoch)
   state, carry, position, history = checkpoint.resume(
       mngr, create_train_state(config, len(vocab), tx), zeros, config, vocab, shapes)

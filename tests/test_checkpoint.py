@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from jaxrnn import UserError, checkpoint, data, model, optim, train
+from jaxrnn import UserError, checkpoint, config as config_lib, data, model, optim, train
 from jaxrnn.tasks import lm
 
 
@@ -493,7 +493,7 @@ def test_a_field_that_shapes_the_model_cannot_change_on_resume(tiny_config, bloc
   refused by name, found from the shapes (no list to keep up to date); fields that shape
   nothing (steps, dropout, lr) pass."""
   saved = tiny_config(model=block)
-  shapes = lambda c: train.abstract_state(c, vocab_size=20)
+  shapes = lambda c: config_lib.shapes(c, vocab_size=20)
   checkpoint.check_compatible(saved, tiny_config(model={**block, "dropout": 0.3},
                                                  train={"steps": 50, "lr": 0.5}), shapes)
   changed = tiny_config(model={**block, field: value})
