@@ -40,7 +40,7 @@ from jaxrnn import UserError, blocks, config as config_lib, data, kernels, layer
 # `check_compatible` from the shapes themselves, so that no new field can be forgotten here.
 FROZEN_FIELDS = ("task", "model.cell", "model.block", "data.corpus", "data.tokens",
                  "data.batch_size", "data.seq_len", "train.optimizer", "train.asgd_patience")
-Shapes = Callable[[ml_collections.ConfigDict], Any]  # config -> abstract (params, optimizer state, carry)
+Shapes = Callable[[ml_collections.ConfigDict], Any]  # config -> its abstract state (config.shapes)
 HISTORY = ("val_rows", "val_losses", "guard")  # meta lists a resumed run continues
 
 
@@ -284,15 +284,14 @@ def _shaped(shapes: Shapes, config: ml_collections.ConfigDict) -> Any:
   return jax.tree.structure(abstract), [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)]
 
 
-def check_compatible(saved: ml_collections.ConfigDict, config: Any,
-                     shapes: Shapes | None = None) -> None:
-  """Refuses to resume with a config that changes one of FROZEN_FIELDS, or, given `shapes`, any
-  field that changes the shape of the params, the optimizer state or the carried state (each
+def check_compatible(saved: ml_collections.ConfigDict, config: Any, shapes: Shapes) -> None:
+  """Refuses to resume with a config that changes one of FROZEN_FIELDS, or any field that
+  changes the shape of the params, the optimizer state or the carried state (each
   field that differs is tried alone on the saved config); names the field and both values."""
   before_all, now_all = _leaves(saved), _leaves(config)
   changed = [f for f in now_all if f in before_all and before_all[f] != now_all[f]]
   shaping = [f for f in changed if f in FROZEN_FIELDS]
-  if not shaping and changed and shapes is not None:
+  if not shaping and changed:
     want = _shaped(shapes, saved)
     if _shaped(shapes, config) != want:
       for field in changed:
@@ -314,8 +313,7 @@ def check_compatible(saved: ml_collections.ConfigDict, config: Any,
 
 
 def resume(mngr: ocp.CheckpointManager, state: Any, carry: Any, config: Any,
-           vocab: data.Vocab, shapes: Shapes | None = None
-           ) -> tuple[Any, Any, int, dict[str, list]]:
+           vocab: data.Vocab, shapes: Shapes) -> tuple[Any, Any, int, dict[str, list]]:
   """(state, carry, data position, history) of the checkpoint to continue from; the inputs, 0
   and an empty history if there is none. `history` has a list per HISTORY key.
 
@@ -323,9 +321,9 @@ def resume(mngr: ocp.CheckpointManager, state: Any, carry: Any, config: Any,
   when the latest was not itself written by a run started from there: then the steps after
   it are moved aside (into <workdir>/damaged/, by the main process), so that the run trains
   past them, and later runs of the same command resume from the latest again. Refuses a
-  config or vocabulary the checkpoint was not trained with (`check_compatible`, with
-  `shapes`: a config's abstract (state, carry)). Unreadable steps newer than the one restored
-  are moved aside too.
+  config or vocabulary the checkpoint was not trained with (`check_compatible`; `shapes` gives
+  a config's abstract params, optimizer state and carry). Unreadable steps newer than the one
+  restored are moved aside too.
   """
   if mngr.latest_step() is None:
     return state, carry, 0, {key: [] for key in HISTORY}

@@ -123,11 +123,18 @@ def _malloc_tuned(environ: Mapping[str, str]) -> bool:
   return any(k == "GLIBC_TUNABLES" or k.startswith("MALLOC_") for k in environ)
 
 
+def _libc(name: str) -> Any:
+  """The C library's function `name`; None where it has none (not glibc: musl, macOS) or cannot
+  be opened by name (Windows: ctypes.CDLL(None) raises)."""
+  try:
+    return getattr(ctypes.CDLL(None), name, None)
+  except (OSError, TypeError):
+    return None
+
+
 def _glibc_version() -> tuple[int, ...] | None:
   """glibc's version, None without glibc (musl, macOS, Windows)."""
-  try:
-    version = ctypes.CDLL(None).gnu_get_libc_version
-  except (AttributeError, OSError, TypeError):
+  if (version := _libc("gnu_get_libc_version")) is None:
     return None
   version.restype = ctypes.c_char_p
   return tuple(int(part) for part in version().decode().split(".")[:2])
@@ -233,11 +240,7 @@ def keep_freed_memory() -> bool:
   """
   if _malloc_tuned(os.environ):
     return False
-  try:
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-  except (OSError, TypeError):  # Windows: no C library of the process to open by name
-    return False
-  if mallopt is None:  # not glibc (macOS)
+  if (mallopt := _libc("mallopt")) is None:  # not glibc
     return False
   return all(mallopt(param, value) == 1 for param, value in _KEEP_FREED.values())
 
@@ -247,11 +250,8 @@ def release_freed_memory() -> None:
   `keep_freed_memory` otherwise keeps: called after a whole-split evaluation, whose buffers
   would hold the process at the evaluation's peak for the rest of training. Does nothing
   without glibc."""
-  try:
-    trim = ctypes.CDLL(None).malloc_trim
-  except (AttributeError, OSError, TypeError):  # not glibc (macOS), or Windows
-    return
-  trim(0)
+  if (trim := _libc("malloc_trim")) is not None:
+    trim(0)
 
 
 def run_inline() -> None:
