@@ -16,14 +16,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.cell = "lstm"  # a name in jaxrnn.cells: rnn, gru, lstm, lnlstm, mingru, minlstm, indrnn,
   # rglru, slstm, mlstm, mamba
-  # How each layer wraps its cell (jaxrnn/blocks.py): "stack" (stacked cells, dropout between);
-  # "residual" (x + cell(norm x), x + mlp(norm x)); "griffin" (cell rglru), "xlstm" (cell
-  # mlstm; slstm at slstm_at), "mamba" (cell mamba): their authors' blocks. All but "stack" run
-  # a residual stream of hidden_size units (the embedding projected into it if embed_dim differs)
+  # How each layer wraps its cell (jaxrnn/blocks/): "stack" (stacked cells, dropout between);
+  # "residual" (x + cell(norm x), x + mlp(norm x)); "hawk" (cell rglru), "griffin" (cell rglru,
+  # local attention at layers 2, 5, ...), "xlstm" (cell mlstm; slstm at slstm_at), "mamba"
+  # (cell mamba): their authors' blocks. All but "stack" run a residual stream of hidden_size
+  # units (the embedding projected into it if embed_dim differs)
   config.model.block = "stack"
-  config.model.mlp_expansion = 3  # residual, griffin: the gated MLP's width over hidden_size
+  config.model.mlp_expansion = 3  # residual, hawk, griffin: the gated MLP's width over hidden_size
   config.model.expand = 2  # mamba, xlstm's mLSTM block: the inner width over hidden_size
-  config.model.conv_width = 4  # griffin, xlstm, mamba: the causal convolution's taps
+  config.model.conv_width = 4  # hawk, griffin, xlstm, mamba: the causal convolution's taps
+  config.model.lru_width = 0  # hawk, griffin: the RG-LRU's width; 0: hidden_size (the authors')
+  # griffin: tokens before the current one its local attention sees (the paper's 1024 at a
+  # training length of 2048; here 128 for char-level streams cut into 64-256 steps, carried)
+  config.model.attention_window = 128
   config.model.slstm_at = ()  # xlstm: the layers (from 0) that are sLSTM blocks, e.g. (1,)
   config.model.hidden_size = 256  # h, per layer
   config.model.num_layers = 1  # stacked cells
@@ -41,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.tie_embedding = False  # lm: the head's weight is the embedding's transpose; the
   # last layer then has embed_dim units (AWD-LSTM's 1150, 1150, 400 with hidden_size 1150)
   config.model.init_scale = 0.0  # > 0: every parameter U(-s, s) (Zaremba et al.); 0: per-cell init
+  config.model.logits_soft_cap = 0.0  # lm: > 0 caps the logits at c * tanh(logits / c)
+  # (recurrentgemma's logits_soft_cap: 30 in RecurrentGemma, off in the Griffin paper's models)
   config.model.ar = 0.0  # lm: activation regularization, ar * mean(dropped last-layer output^2)
   config.model.tar = 0.0  # lm: temporal AR, tar * mean((raw output_t+1 - output_t)^2)
   config.model.unroll = 1  # lax.scan unroll factor
@@ -53,8 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.compute_dtype = "float32"  # matrix-product operands: float32 or bfloat16
   config.model.nonlinearity = "tanh"  # rnn cell only: tanh or relu
   config.model.forget_bias = 0.0  # lstm and lnlstm cells: added to the forget-gate bias at init
-  config.model.num_heads = 1  # slstm (block-diagonal recurrent weights), mlstm (memories) and
-  # griffin's RG-LRU gates (block-diagonal)
+  config.model.num_heads = 1  # slstm (block-diagonal recurrent weights), mlstm (memories),
+  # hawk's and griffin's RG-LRU gates (block-diagonal) and griffin's attention (query heads)
   config.model.state_size = 16  # mamba cell: states per channel (d_state)
   config.model.dt_rank = 0  # mamba cell: rank of delta's projection; 0: ceil(hidden_size / 16)
   config.model.bidirectional = False  # classify only: each layer also reads every sentence backwards

@@ -32,9 +32,12 @@ Rule = tuple[Callable[[Any], bool], str]  # (is the value valid?, what the valid
 # other value an option would do nothing, so `validate` refuses it (as `cells.from_config`
 # refuses a cell option the cell does not take).
 READ_BY: dict[str, tuple[str, tuple[str, ...]]] = {
-    "model.mlp_expansion": ("model.block", ("residual", "griffin")),
+    "model.mlp_expansion": ("model.block", ("residual", "hawk", "griffin")),
     "model.expand": ("model.block", ("xlstm", "mamba")),
-    "model.conv_width": ("model.block", ("griffin", "xlstm", "mamba")),
+    "model.conv_width": ("model.block", ("hawk", "griffin", "xlstm", "mamba")),
+    "model.lru_width": ("model.block", ("hawk", "griffin")),
+    "model.attention_window": ("model.block", ("griffin",)),
+    "model.logits_soft_cap": ("task", ("lm",)),
     "train.weight_decay": ("train.optimizer", ("adamw",)),
     "train.b1": ("train.optimizer", ("adam", "adamw")),
     "train.b2": ("train.optimizer", ("adam", "adamw")),
@@ -66,6 +69,9 @@ RULES: dict[str, Rule] = {
     "model.mlp_expansion": _at_least(1),
     "model.expand": _at_least(1),
     "model.conv_width": _at_least(2),
+    "model.lru_width": (_at_least(0)[0], ">= 0 (0: hidden_size)"),
+    "model.attention_window": _at_least(1),
+    "model.logits_soft_cap": _finite_at_least(0.0),
     "model.state_size": _at_least(1),
     "model.dt_rank": (_at_least(0)[0], ">= 0 (0: ceil(hidden_size / 16))"),
     "model.hidden_size": _at_least(1),
@@ -231,12 +237,23 @@ def _check_block(model_config: Config) -> None:
     raise UserError(f"model.slstm_at={tuple(model_config.slstm_at)} must name layers 0.."
                     f"{model_config.num_layers - 1} of model.block=xlstm (sLSTM blocks), got "
                     f"model.block={block}")
+  heads = model_config.num_heads
+  if block in ("hawk", "griffin") and blocks.griffin.lru_width(model_config) % heads:
+    raise UserError(f"model.num_heads={heads} must divide the RG-LRU's width "
+                    f"{blocks.griffin.lru_width(model_config)} (model.lru_width, 0: hidden_size)")
+  if block == "griffin" and model_config.num_layers < 3:
+    raise UserError(f"model.block=griffin attends at every third layer (2, 5, ...), so it needs "
+                    f"model.num_layers >= 3 (got {model_config.num_layers}); or use "
+                    "model.block=hawk, its all-recurrent twin")
+  if block == "griffin" and (model_config.hidden_size // heads) % 4:
+    raise UserError(f"griffin's attention heads are model.hidden_size / model.num_heads = "
+                    f"{model_config.hidden_size / heads:g} wide, which RoPE needs a multiple of "
+                    "4: change model.hidden_size or model.num_heads")
   if block == "xlstm":
-    heads = model_config.num_heads
-    if model_config.hidden_size % heads or blocks.xlstm_inner(model_config) % heads:
+    if model_config.hidden_size % heads or blocks.xlstm.inner(model_config) % heads:
       raise UserError(f"model.num_heads={heads} must divide model.hidden_size="
                       f"{model_config.hidden_size} and the mLSTM block's inner width "
-                      f"{blocks.xlstm_inner(model_config)} (model.expand * hidden_size, rounded "
+                      f"{blocks.xlstm.inner(model_config)} (model.expand * hidden_size, rounded "
                       "up to a multiple of 64)")
 
 
@@ -364,6 +381,9 @@ def from_saved(saved: dict[str, Any]) -> Config:
   checkpoint written before these checks existed still restores.
   """
   config = default.get_config()
+  if saved.get("model", {}).get("block") == "griffin" and "attention_window" not in saved["model"]:
+    # Before Griffin had its attention layers, model.block=griffin was what is now hawk.
+    saved = {**saved, "model": {**saved["model"], "block": "hawk"}}
   _merge(config, saved, "")
   if config.model.cell in cells.names():
     taken = blocks.takes(config.model)

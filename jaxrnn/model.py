@@ -92,10 +92,13 @@ def _dropout_keys(rng: jax.Array | None, rows: int) -> tuple[jax.Array | None, .
   return tuple(layers.split_rows(rng, 3, rows)) if rng is not None else (None,) * 3
 
 
-def head(params: dict[str, Any], y: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-  """y<float>[..., h'] -> logits<float>[..., head_size]; a tied head reads the embedding."""
+def head(params: dict[str, Any], y: jax.Array, dtype: Any = jnp.float32,
+         soft_cap: float = 0.0) -> jax.Array:
+  """y<float>[..., h'] -> logits<float>[..., head_size]; a tied head reads the embedding; a
+  `soft_cap` c > 0 bounds them smoothly, c * tanh(logits / c) (recurrentgemma's)."""
   w = params["head"]["w"] if "w" in params["head"] else params["embed"].T
-  return cells.matmul(y, w, dtype) + params["head"]["b"]
+  logits = cells.matmul(y, w, dtype) + params["head"]["b"]
+  return soft_cap * jnp.tanh(logits / soft_cap) if soft_cap else logits
 
 
 def vocabulary_ids(tokens: jax.Array, vocab_size: int) -> jax.Array:
@@ -218,7 +221,7 @@ def apply(params: dict[str, Any], carry: list[Carry], tokens: jax.Array, *,
   See `outputs` for what `train` and `rng` switch on.
   """
   carry, _, y = outputs(params, carry, tokens, model_config=model_config, train=train, rng=rng)
-  return carry, head(params, y, blocks.cell(model_config).dtype)
+  return carry, head(params, y, blocks.cell(model_config).dtype, model_config.logits_soft_cap)
 
 
 def init_classifier(key: jax.Array, model_config: Config, vocab_size: int) -> dict[str, Any]:

@@ -81,9 +81,9 @@ def test_griffin_block_equals_recurrentgemma(impl):
   authors = reference_griffin.random_params(rng, width, width, heads, 3 * width)
   x = rng.normal(size=(B, T, width))
   want, cache = reference_griffin.residual_block(x, authors)
-  config = _model_config(block="griffin", cell="rglru", hidden_size=width, num_heads=heads)
+  config = _model_config(block="hawk", cell="rglru", hidden_size=width, num_heads=heads)
   with jax.enable_x64(True):
-    (conv_state, lru_state), got = _run_in_two(blocks.GRIFFIN, _f64(_griffin_from_authors(authors)),
+    (conv_state, lru_state), got = _run_in_two(blocks.griffin.GRIFFIN, _f64(_griffin_from_authors(authors)),
                                                config, 0, jnp.asarray(x), impl)
   _close(got, want)
   _close(conv_state, cache["conv1d_state"])
@@ -142,9 +142,9 @@ def test_xlstm_mlstm_block_equals_the_authors(impl):
   x = rng.normal(size=(B, T, width))
   want, state = reference_xlstm.mlstm_block(x, authors)
   config = _model_config(block="xlstm", cell="mlstm", hidden_size=width, num_heads=heads)
-  assert blocks.xlstm_inner(config) == 64  # 2 x 24 rounded up to a multiple of 64, as theirs
+  assert blocks.xlstm.inner(config) == 64  # 2 x 24 rounded up to a multiple of 64, as theirs
   with jax.enable_x64(True):
-    (conv_state, (_, c, n, m)), got = _run_in_two(blocks.XLSTM,
+    (conv_state, (_, c, n, m)), got = _run_in_two(blocks.xlstm.XLSTM,
                                                   _f64(_mlstm_from_authors(authors)), config, 0,
                                                   jnp.asarray(x), impl)
   _close(got, want)
@@ -167,7 +167,7 @@ def test_xlstm_slstm_block_equals_the_authors():
   config = _model_config(block="xlstm", cell="mlstm", hidden_size=width, num_heads=heads,
                          slstm_at=(0,))
   with jax.enable_x64(True):
-    (conv_state, cell_state), got = _run_in_two(blocks.XLSTM,
+    (conv_state, cell_state), got = _run_in_two(blocks.xlstm.XLSTM,
                                                 _f64(_slstm_from_authors(authors, heads)),
                                                 config, 0, jnp.asarray(x), "scan")
   _close(got, want)
@@ -281,7 +281,7 @@ def test_mamba_block_equals_the_authors(impl):
   want, (conv_state, ssm_state) = reference_mamba.residual_block(x, authors)
   config = _model_config(block="mamba", cell="mamba", hidden_size=width)
   with jax.enable_x64(True):
-    (got_conv, (_, got_ssm)), got = _run_in_two(blocks.MAMBA, _f64(_mamba_from_authors(authors)),
+    (got_conv, (_, got_ssm)), got = _run_in_two(blocks.mamba.MAMBA, _f64(_mamba_from_authors(authors)),
                                                 config, 0, jnp.asarray(x), impl)
   _close(got, want)
   _close(got_conv, np.swapaxes(conv_state[..., 1:], 1, 2))  # theirs keeps d_conv inputs
@@ -296,7 +296,7 @@ def test_the_residual_blocks_mlp_is_recurrentgemmas():
   params = {"up": {"w": authors["ffw_up"]["w"], "b": authors["ffw_up"]["b"].reshape(2, -1)},
             "down": {"w": authors["ffw_down"]["kernel"], "b": authors["ffw_down"]["bias"]}}
   with jax.enable_x64(True):
-    got = blocks.gated_mlp(_f64(params), jnp.asarray(x), jnp.float32, approximate=True)
+    got = blocks.common.gated_mlp(_f64(params), jnp.asarray(x), jnp.float32, approximate=True)
   _close(got, reference_griffin.mlp_block(x, authors))
 
 
@@ -306,7 +306,9 @@ def test_the_residual_blocks_mlp_is_recurrentgemmas():
 MODELS = {
     "residual": dict(block="residual", cell="lstm"),
     "residual-mamba": dict(block="residual", cell="mamba"),
-    "griffin": dict(block="griffin", cell="rglru", num_heads=2),
+    "hawk": dict(block="hawk", cell="rglru", num_heads=2),
+    # layer 2 attends; a window of 4 makes the 9 tokens roll it over
+    "griffin": dict(block="griffin", cell="rglru", num_heads=2, num_layers=3, attention_window=4),
     "xlstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(1,)),
     "mamba": dict(block="mamba", cell="mamba"),
 }
@@ -314,10 +316,10 @@ MODELS = {
 
 @pytest.mark.parametrize("name", MODELS)
 def test_one_token_at_a_time_equals_the_whole_sequence(name):
-  """A 2-layer LM of each block: logits for 9 tokens at once (the parallel forms, impl=fused)
+  """A 2-layer LM of each block (griffin: 3): logits for 9 tokens at once (the parallel forms, impl=fused)
   equal those of 9 one-token calls carrying the carries (convolution states included),
   within 1e-5; the carries' leaves are batch-first."""
-  config = _model_config(hidden_size=32, num_layers=2, embed_dim=16, **MODELS[name])
+  config = _model_config(hidden_size=32, embed_dim=16, **{"num_layers": 2, **MODELS[name]})
   params = model.init(jax.random.key(0), config, 11)
   tokens = jax.random.randint(jax.random.key(1), (3, 9), 0, 11)
   carry = model.initial_carry(config, 3)
@@ -338,7 +340,8 @@ def test_one_token_at_a_time_equals_the_whole_sequence(name):
 
 BFLOAT16 = {  # one layer of each block; xlstm's two are an mLSTM and an sLSTM
     "residual": dict(block="residual", cell="lstm"),
-    "griffin": dict(block="griffin", cell="rglru", num_heads=2),
+    "hawk": dict(block="hawk", cell="rglru", num_heads=2),
+    "griffin": dict(block="griffin", cell="rglru", num_heads=2, num_layers=3),  # layer 2 attends
     "xlstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(1,), num_layers=2),
     "slstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(0,)),  # xlstm's fast twin
     "mamba": dict(block="mamba", cell="mamba"),
@@ -349,7 +352,7 @@ BFLOAT16 = {  # one layer of each block; xlstm's two are an mLSTM and an sLSTM
                                   for n in BFLOAT16])
 def test_each_block_computes_in_bfloat16_close_to_float32(name):
   """compute_dtype=bfloat16 through model.apply, forward and gradient (the products with a
-  weight per head, griffin's gates and xLSTM's q, k, v and sLSTM gates and recurrence, were
+  weight per head, Hawk's gates and xLSTM's q, k, v and sLSTM gates and recurrence, were
   a bf16 x bf16 = f32 batched dot, which XLA:CPU refused when it ran): logits and the
   gradient are finite, moved by the rounding, and within 0.05 of float32's largest entry.
   bfloat16 keeps 8 significant bits (2^-9 ~ 0.002 relative per operand); over these layers
@@ -385,19 +388,27 @@ def test_the_stack_is_the_default_and_unchanged(tiny_config):
 
 @pytest.mark.parametrize("fields, message", [
     (dict(block="griffin", cell="lstm"), "model.block=griffin is built around the rglru cell"),
+    (dict(block="griffin", cell="rglru"), "model.block=griffin attends at every third layer"),
+    (dict(block="hawk", cell="rglru", lru_width=48, num_heads=5), "model.num_heads=5 must divide"),
+    (dict(block="hawk", cell="rglru", lru_width=40, num_heads=16),
+     "must divide the RG-LRU's width 40"),
+    (dict(block="griffin", cell="rglru", num_layers=3, num_heads=16),
+     "griffin's attention heads are model.hidden_size / model.num_heads = 2 wide"),
+    (dict(block="hawk", cell="rglru", attention_window=64),
+     "model.attention_window=64 does nothing for model.block='hawk'"),
     (dict(block="mamba", cell="gru"), "model.block=mamba is built around the mamba cell"),
     (dict(block="xlstm", cell="mlstm", num_heads=3), "model.num_heads=3 must divide"),
-    (dict(block="griffin", cell="rglru", num_heads=5), "model.num_heads=5 must divide"),
+    (dict(block="hawk", cell="rglru", num_heads=5), "model.num_heads=5 must divide"),
     (dict(block="xlstm", cell="mlstm", slstm_at=(4,)), "model.slstm_at=(4,) must name layers"),
     (dict(block="residual", cell="lstm", slstm_at=(0,)), "model.slstm_at=(0,) must name layers"),
     (dict(block="stack", cell="mamba"), "the mamba cell keeps its input's width"),
     (dict(block="residual", cell="lstm", tie_embedding=True), "model.tie_embedding reads"),
-    (dict(block="fancy"), "model.block must be one of stack, residual, griffin, xlstm, mamba"),
+    (dict(block="fancy"), "model.block must be one of stack, residual, hawk, griffin, xlstm, mamba"),
     (dict(block="residual", cell="gru", num_heads=2), "model.num_heads=2 does nothing"),
 ])
 def test_a_block_that_cannot_take_the_config_is_a_one_line_error(tiny_config, fields, message):
   with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
-    config_lib.validate(tiny_config(model=dict(hidden_size=32, num_layers=2, **fields)))
+    config_lib.validate(tiny_config(model=dict(hidden_size=32, **{"num_layers": 2, **fields})))
   assert "\n" not in str(e.value)
 
 
@@ -411,11 +422,12 @@ def test_bidirectional_needs_the_stack(tiny_classify_config):
 
 RUNS = {  # each block at the tiny size, with dropout on so that its keys are exercised
     "residual": dict(block="residual", cell="lstm", num_layers=2),
-    "griffin": dict(block="griffin", cell="rglru", num_heads=2, num_layers=2),
+    "hawk": dict(block="hawk", cell="rglru", num_heads=2, num_layers=2),
+    "griffin": dict(block="griffin", cell="rglru", num_heads=2, num_layers=3, attention_window=8),
     "xlstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(1,), num_layers=2),
     "mamba": dict(block="mamba", cell="mamba", num_layers=1),
 }
-FAST = ("mamba",)  # the quickest to compile; the others run in the slow suite
+FAST = ("mamba", "griffin")  # the quickest to compile; the others run in the slow suite
 
 
 def _params(workdir):
@@ -467,9 +479,9 @@ def test_a_block_trains_the_classifier_in_bfloat16(tiny_classify_config, tmp_pat
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(_params(tmp_path)))
 
 
-@pytest.mark.slow  # sample.py with every block also runs in the slow check below
 def test_sample_and_beam_search_continue_a_prefix_with_a_block(tiny_flags, tmp_path):
-  """sample.py (sampled and --beam) continues a prefix from a griffin run's checkpoint."""
+  """sample.py (sampled and --beam) continues a prefix from a griffin run's checkpoint (its
+  attention's window carried one token at a time)."""
   proc = run_script("train.py", *tiny_flags(tmp_path, model=RUNS["griffin"]))
   assert proc.returncode == 0, proc.stderr
   for extra in ((), ("--beam=3",)):
@@ -479,19 +491,20 @@ def test_sample_and_beam_search_continue_a_prefix_with_a_block(tiny_flags, tmp_p
     assert proc.stdout.startswith("the ") and len(proc.stdout.splitlines()[0]) >= 16
 
 
-@pytest.mark.slow  # four 200-step runs and their resumed twins (about 6 minutes on two cores)
-@pytest.mark.parametrize("name", ["residual", "griffin", "xlstm", "mamba"])
+@pytest.mark.slow  # five 200-step runs and their resumed twins (about 8 minutes on two cores)
+@pytest.mark.parametrize("name", ["residual", "hawk", "griffin", "xlstm", "mamba"])
 def test_each_block_learns_tiny_shakespeare_as_a_user_runs_it(name, tmp_path):
-  """Issue 25's check, through the scripts: 2 layers of 64, 200 steps of 16 x 64 on Tiny
+  """Issue 25's check, through the scripts: 2 layers of 64 (griffin: 3), 200 steps of 16 x 64 on Tiny
   Shakespeare's first 200 KB at lr 3e-3 reach a validation perplexity below half the unigram
   one; 100 + 100 steps equal 200 bit for bit; sample.py continues a prefix."""
   text = (pathlib.Path(os.environ["JAXRNN_DATA_DIR"]) / "tinyshakespeare.txt").read_text()
   corpus = tmp_path / "shakespeare200k.txt"
   corpus.write_text(text[:200_000])
-  cell = {"residual": "lstm", "griffin": "rglru", "xlstm": "mlstm", "mamba": "mamba"}[name]
+  cell = {"residual": "lstm", "hawk": "rglru", "griffin": "rglru", "xlstm": "mlstm",
+          "mamba": "mamba"}[name]
   flags = lambda workdir, steps: [
       f"--workdir={workdir}", f"--config.data.corpus={corpus}", f"--config.model.block={name}",
-      f"--config.model.cell={cell}", "--config.model.num_layers=2",
+      f"--config.model.cell={cell}", f"--config.model.num_layers={3 if name == 'griffin' else 2}",
       "--config.model.hidden_size=64", "--config.data.batch_size=16", "--config.data.seq_len=64",
       f"--config.train.steps={steps}", "--config.train.lr=3e-3", "--config.train.ckpt_every=100",
       "--config.train.eval_every=0"]

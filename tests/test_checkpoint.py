@@ -479,6 +479,8 @@ def test_without_the_kernel_eval_says_the_fallback_once(ckpt_config, tmp_path, m
     (dict(block="griffin", cell="rglru", num_heads=4, hidden_size=16), "num_heads", 2),
     (dict(block="griffin", cell="rglru", num_heads=4, hidden_size=16), "mlp_expansion", 4),
     (dict(block="griffin", cell="rglru", hidden_size=16), "conv_width", 3),
+    (dict(block="hawk", cell="rglru", hidden_size=16), "lru_width", 24),
+    (dict(block="griffin", cell="rglru", hidden_size=16, num_layers=3), "attention_window", 8),
     (dict(block="xlstm", cell="mlstm", num_heads=2), "num_heads", 4),
     (dict(block="xlstm", cell="mlstm", num_heads=2), "expand", 5),  # 16 x 3 rounds up to 64 too
     (dict(block="xlstm", cell="mlstm", num_heads=2, num_layers=2), "slstm_at", (1,)),

@@ -186,10 +186,14 @@ def test_older_checkpoints_configs_still_restore(capsys):
      "model.expand=3 does nothing for model.block='griffin' \\(it applies to model.block=xlstm "
      "or mamba\\); leave it at 2"),
     ({"model": {"mlp_expansion": 4}}, "model.mlp_expansion=4 does nothing for model.block="
-                                      "'stack' \\(it applies to model.block=residual or griffin\\)"),
+                                      "'stack' \\(it applies to model.block=residual or hawk or "
+                                      "griffin\\)"),
     ({"model": {"block": "residual", "conv_width": 3}},
      "model.conv_width=3 does nothing for model.block='residual' \\(it applies to model.block="
-     "griffin or xlstm or mamba\\)"),
+     "hawk or griffin or xlstm or mamba\\)"),
+    ({"model": {"block": "hawk", "cell": "rglru", "attention_window": 64}},
+     "model.attention_window=64 does nothing for model.block='hawk' \\(it applies to "
+     "model.block=griffin\\)"),
     ({"train": {"warmup_steps": 10}}, "train.warmup_steps=10 is more than train.steps=5 \\(both "
                                       "in train.unit\\): the lr would peak at 50% of train.lr; set "
                                       "train.warmup_steps to at most 5"),
@@ -205,7 +209,7 @@ def test_options_that_would_do_nothing_are_refused(tiny_config, sections, messag
     {"train": {"optimizer": "adamw", "weight_decay": 0.1, "b1": 0.8}},
     {"train": {"optimizer": "sgd", "weight_decay": 0.0, "b1": 0.9, "b2": 0.999}},
     {"model": {"block": "griffin", "cell": "rglru", "conv_width": 3, "mlp_expansion": 2,
-               "expand": 2}},
+               "expand": 2, "num_layers": 3, "lru_width": 24, "attention_window": 16}},
     {"model": {"block": "mamba", "cell": "mamba", "hidden_size": 8, "expand": 3}},
     {"model": {"block": "residual", "mlp_expansion": 2}},
     {"train": {"warmup_steps": 5}},
@@ -216,14 +220,15 @@ def test_options_read_or_at_their_defaults_are_accepted(tiny_config, sections):
 
 
 def test_read_by_names_the_blocks_that_read_each_option():
-  """config.READ_BY agrees with jaxrnn/blocks.py: an option changes the parameters' shapes
-  exactly under the blocks it names."""
+  """config.READ_BY agrees with jaxrnn/blocks/: an option changes the shapes of the parameters
+  or the carry exactly under the blocks it names (three layers, so that griffin attends)."""
   from jaxrnn import blocks
   for block in blocks.BLOCKS:
     base = default.get_config().model
-    base.update(block=block, cell=blocks.CELLS.get(block, "lstm"), hidden_size=64, embed_dim=64)
+    base.update(block=block, cell=blocks.CELLS.get(block, "lstm"), hidden_size=64, embed_dim=64,
+                num_layers=3)
     shapes = lambda c: jax.tree.map(lambda x: x.shape, jax.eval_shape(
-        lambda k: model.init(k, c, 8), jax.random.key(0)))
+        lambda k: (model.init(k, c, 8), model.initial_carry(c, 2)), jax.random.key(0)))
     for option, (chooser, readers) in config_lib.READ_BY.items():
       if chooser == "model.block":
         changed = base.copy_and_resolve_references()
@@ -242,6 +247,12 @@ def test_older_checkpoints_with_unread_block_and_optimizer_options_still_restore
                                   "train": {"optimizer": "adamw", "weight_decay": 0.1}})
   assert (config.model.expand, config.train.weight_decay) == (4, 0.1)  # read: kept
   config_lib.validate(config)
+  # Before Griffin had attention layers, model.block=griffin was Hawk: it restores as hawk.
+  config = config_lib.from_saved({"model": {"block": "griffin", "cell": "rglru", "num_heads": 2}})
+  assert (config.model.block, config.model.num_heads) == ("hawk", 2)
+  config = config_lib.from_saved({"model": {"block": "griffin", "cell": "rglru",
+                                            "attention_window": 32}})
+  assert config.model.block == "griffin"
   config = config_lib.from_saved({"train": {"steps": 5, "warmup_steps": 10}})
   config_lib.validate(config, training=False)  # eval.py --corpus: the schedule is not read
   with pytest.raises(UserError, match="train.warmup_steps=10 is more than train.steps=5"):

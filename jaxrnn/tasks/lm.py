@@ -83,7 +83,8 @@ def loss(params: Any, carry: Any, batch: dict[str, jax.Array], model_config: Con
   """(mean next-token loss of batch {inputs, targets}<int>[b, t] plus `penalties`, final carry)."""
   carry, ys, dropped = model.outputs(params, carry, batch["inputs"], model_config=model_config,
                                      train=True, rng=rng)
-  logits = model.head(params, dropped, blocks.cell(model_config).dtype)
+  logits = model.head(params, dropped, blocks.cell(model_config).dtype,
+                      model_config.logits_soft_cap)
   return nll(logits, batch["targets"]).mean() + penalties(ys, dropped, model_config), carry
 
 
