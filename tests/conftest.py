@@ -37,6 +37,11 @@ def pytest_configure(config):
     os.environ.update(JAX_COMPILATION_CACHE_DIR=config.jaxrnn_cache,
                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  # The authors' packages (tests/authors.py), installed once by the xdist controller before its
+  # workers start (a no-op once cached); where it cannot, their tests skip at once (fail under CI).
+  if not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None):
+    import authors  # pylint: disable=import-outside-toplevel
+    authors.preinstall()
 
 
 def pytest_unconfigure(config):
