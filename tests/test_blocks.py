@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-import reference_griffin
+import authors
 import reference_mamba
 import reference_xlstm
 from configs import default
@@ -50,44 +50,6 @@ def _run_in_two(block, params, model_config, layer, x, impl):
 
 def _close(got, want, atol=1e-5):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=atol)
-
-
-# ---------------------------------------------------------------------------------------------
-# Griffin: recurrentgemma's ResidualBlock (RecurrentBlock + MLPBlock).
-
-def _griffin_from_authors(p):
-  """jaxrnn's griffin layer params from the authors' Flax tree of one ResidualBlock."""
-  rb = p["recurrent_block"]
-  dense = lambda q: {"w": q["kernel"], "b": q["bias"]}
-  gate = lambda q: {"w": q["w"], "b": q["b"].reshape(-1)}
-  up = p["mlp_block"]["ffw_up"]
-  return {"temporal_pre_norm": p["temporal_pre_norm"]["scale"],
-          "linear_y": dense(rb["linear_y"]), "linear_x": dense(rb["linear_x"]),
-          "conv": {"w": rb["conv_1d"]["w"], "b": rb["conv_1d"]["b"]},
-          "input_gate": gate(rb["rg_lru"]["input_gate"]), "a_gate": gate(rb["rg_lru"]["a_gate"]),
-          "a_param": rb["rg_lru"]["a_param"], "linear_out": dense(rb["linear_out"]),
-          "channel_pre_norm": p["channel_pre_norm"]["scale"],
-          "mlp": {"up": {"w": up["w"], "b": up["b"].reshape(2, -1)},
-                  "down": dense(p["mlp_block"]["ffw_down"])}}
-
-
-@pytest.mark.parametrize("impl", ["scan", "fused"])
-def test_griffin_block_equals_recurrentgemma(impl):
-  """One Griffin layer (width 16, 4 heads, MLP 3x) in two chunks, sequential scan and parallel
-  (associative) form, against recurrentgemma's ResidualBlock in float64: outputs, the conv's
-  last 3 inputs and the RG-LRU state within 1e-5."""
-  width, heads = 16, 4
-  rng = np.random.default_rng(0)
-  authors = reference_griffin.random_params(rng, width, width, heads, 3 * width)
-  x = rng.normal(size=(B, T, width))
-  want, cache = reference_griffin.residual_block(x, authors)
-  config = _model_config(block="hawk", cell="rglru", hidden_size=width, num_heads=heads)
-  with jax.enable_x64(True):
-    (conv_state, lru_state), got = _run_in_two(blocks.griffin.GRIFFIN, _f64(_griffin_from_authors(authors)),
-                                               config, 0, jnp.asarray(x), impl)
-  _close(got, want)
-  _close(conv_state, cache["conv1d_state"])
-  _close(lru_state, cache["rg_lru_state"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,16 +250,41 @@ def test_mamba_block_equals_the_authors(impl):
   _close(got_ssm, ssm_state)
 
 
+def test_the_slstm_blocks_dropout_falls_before_its_head_wise_norm():
+  """sLSTMLayer.forward drops the cell's output, then normalises it per head: a dropout that
+  scales the branch (here by 2, where the mask keeps everything) leaves the block's output as
+  it was up to the norm's epsilon (1e-5 against the cell output's variance: 1e-3 here), where
+  dropout after the norm would move it by the normed branch itself (unit variance per head);
+  the mLSTM block drops after its output projection (the branch doubled)."""
+  x = jax.random.normal(jax.random.key(0), (B, T, 32))
+
+  def apply(slstm, scale):
+    config = _model_config(block="xlstm", cell="mlstm", hidden_size=32, num_heads=2,
+                           slstm_at=(0,) if slstm else ())
+    params = blocks.xlstm.XLSTM.init(jax.random.key(1), config, 0)
+    carry = blocks.xlstm.XLSTM.initial_carry(config, B, 0)
+    step = blocks.Step("scan", 1, drop=lambda y, j: scale * y if j == 0 else y,
+                       weight_drop=lambda c, p: p)
+    return blocks.xlstm.XLSTM.apply(params, carry, x, config, 0, step)[1]
+
+  np.testing.assert_allclose(apply(True, 2.0), apply(True, 1.0), atol=1e-2)
+  assert not np.allclose(apply(False, 2.0), apply(False, 1.0), atol=1e-3)
+
+
 def test_the_residual_blocks_mlp_is_recurrentgemmas():
-  """`gated_mlp` with tanh gelu against recurrentgemma's MLPBlock in float64."""
-  rng = np.random.default_rng(4)
-  authors = reference_griffin.random_params(rng, 8, 8, 2, 24)["mlp_block"]
-  x = rng.normal(size=(B, T, 8))
-  params = {"up": {"w": authors["ffw_up"]["w"], "b": authors["ffw_up"]["b"].reshape(2, -1)},
-            "down": {"w": authors["ffw_down"]["kernel"], "b": authors["ffw_down"]["bias"]}}
-  with jax.enable_x64(True):
-    got = blocks.common.gated_mlp(_f64(params), jnp.asarray(x), jnp.float32, approximate=True)
-  _close(got, reference_griffin.mlp_block(x, authors))
+  """`gated_mlp` with tanh gelu against recurrentgemma 1.0.1's MLPBlock (tests/authors.py) on
+  its own init (biases drawn, so that they are tested too), float32 within 1e-5."""
+  rg = authors.recurrentgemma()
+  mlp = rg.modules.MLPBlock(width=8, expanded_width=24)
+  x = jax.random.normal(jax.random.key(0), (B, T, 8))
+  theirs = mlp.init(jax.random.key(1), x)["params"]
+  theirs = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape),
+                        theirs)
+  up = theirs["ffw_up"]
+  ours = {"up": {"w": up["w"], "b": up["b"].reshape(2, -1)},
+          "down": {"w": theirs["ffw_down"]["kernel"], "b": theirs["ffw_down"]["bias"]}}
+  _close(blocks.common.gated_mlp(ours, x, jnp.float32, approximate=True),
+         mlp.apply({"params": theirs}, x))
 
 
 # ---------------------------------------------------------------------------------------------
