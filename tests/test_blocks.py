@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import authors
-import reference_mamba
 import reference_xlstm
 from configs import default
 from conftest import run_script
@@ -219,36 +218,7 @@ def test_mlstm_normalizer_stays_finite_where_exp_minus_m_overflows(form):
 
 
 # ---------------------------------------------------------------------------------------------
-# Mamba: the Mamba module inside its pre-norm Block.
-
-def _mamba_from_authors(p):
-  m = lambda name: p["mixer." + name]
-  return {"norm": p["norm.weight"] - 1.0,  # the authors' weight is jaxrnn's 1 + scale
-          "in_proj": {"w": m("in_proj.weight").T},
-          "conv": {"w": m("conv1d.weight")[:, 0, :].T, "b": m("conv1d.bias")},
-          "cell": {"w_x": m("x_proj.weight").T, "w_dt": m("dt_proj.weight").T,
-                   "b_dt": m("dt_proj.bias"), "a_log": m("A_log"), "d": m("D")},
-          "out_proj": {"w": m("out_proj.weight").T}}
-
-
-@pytest.mark.parametrize("impl", ["scan", "fused"])
-def test_mamba_block_equals_the_authors(impl):
-  """One Mamba layer (width 16, inner 32, 16 states, dt_rank 1) in two chunks, sequential and
-  parallel form, against state-spaces/mamba's Block(Mamba) with RMSNorm in float64: outputs,
-  the conv's last 3 inputs and the SSM state within 1e-5."""
-  width = 16
-  rng = np.random.default_rng(3)
-  authors = reference_mamba.random_block_params(rng, width)
-  x = rng.normal(size=(B, T, width))
-  want, (conv_state, ssm_state) = reference_mamba.residual_block(x, authors)
-  config = _model_config(block="mamba", cell="mamba", hidden_size=width)
-  with jax.enable_x64(True):
-    (got_conv, (_, got_ssm)), got = _run_in_two(blocks.mamba.MAMBA, _f64(_mamba_from_authors(authors)),
-                                                config, 0, jnp.asarray(x), impl)
-  _close(got, want)
-  _close(got_conv, np.swapaxes(conv_state[..., 1:], 1, 2))  # theirs keeps d_conv inputs
-  _close(got_ssm, ssm_state)
-
+# Pieces of the blocks.
 
 def test_the_slstm_blocks_dropout_falls_before_its_head_wise_norm():
   """sLSTMLayer.forward drops the cell's output, then normalises it per head: a dropout that
