@@ -17,6 +17,7 @@ BPTT, whole-split evaluation and sampling see the same window as one long sequen
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ def rope(x: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def local_attention(params: Params, cache: tuple[jax.Array, ...], x: jax.Array, num_heads: int,
-                    dtype) -> tuple[tuple[jax.Array, ...], jax.Array]:
+                    dtype: Any) -> tuple[tuple[jax.Array, ...], jax.Array]:
   """recurrentgemma's LocalAttentionBlock over x<b, t, h> after the window in `cache` ->
   (the window after x, y<b, t, h>).
 
@@ -91,6 +92,7 @@ def local_attention(params: Params, cache: tuple[jax.Array, ...], x: jax.Array, 
 
 
 def _mlp(params, x, dtype, step):
+  """The layer's second half, x + mlp(rms(x)), for either temporal block."""
   y = gated_mlp(params["mlp"], rms_norm(x, params["channel_pre_norm"], RG_EPS), dtype,
                 approximate=True)
   return x + step.drop(y, 1)
