@@ -253,6 +253,7 @@ def test_a_block_trains_the_classifier_in_bfloat16(tiny_classify_config, tmp_pat
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(_params(tmp_path)))
 
 
+@pytest.mark.slow  # sample.py with every block also runs in the slow check below
 def test_sample_and_beam_search_continue_a_prefix_with_a_block(tiny_flags, tmp_path):
   """sample.py (sampled and --beam) continues a prefix from a griffin run's checkpoint (its
   attention's window carried one token at a time)."""

@@ -93,8 +93,9 @@ def _authors_decode(net, params, tokens):
   prompt cache stays consistent at an offset position since the prompt fills the window)."""
   positions = _positions(tokens.shape[1])
   logits, cache = [], None
+  apply = jax.jit(net.apply)  # compiled: their type checks then run once per shape, not per call
   for chunk in [slice(0, SPLIT)] + [slice(t, t + 1) for t in range(SPLIT, tokens.shape[1])]:
-    out, cache = net.apply(params, tokens[:, chunk], positions[:, chunk], cache)
+    out, cache = apply(params, tokens[:, chunk], positions[:, chunk], cache)
     logits.append(out)
   return jnp.concatenate(logits, axis=1)
 
@@ -127,10 +128,11 @@ def test_the_language_model_equals_recurrentgemmas(block, impl):
   tokens = jax.random.randint(jax.random.key(1), (B, T), 0, VOCAB)
   theirs = net.init(jax.random.key(0), tokens[:, :SPLIT], _positions(SPLIT))
   ours = _from_authors(theirs["params"], model_config)
-  _close(_jaxrnn_run(ours, tokens, model_config), _authors_decode(net, theirs, tokens))
+  _close(jax.jit(lambda p: _jaxrnn_run(p, tokens, model_config))(ours),
+         _authors_decode(net, theirs, tokens))
   w = jax.random.normal(jax.random.key(2), (B, T, VOCAB))
-  want = jax.grad(lambda p: jnp.sum(w * net.apply(p, tokens, _positions(T))[0]))(theirs)
-  got = jax.grad(lambda p: jnp.sum(w * _jaxrnn_run(p, tokens, model_config)))(ours)
+  want = jax.jit(jax.grad(lambda p: jnp.sum(w * net.apply(p, tokens, _positions(T))[0])))(theirs)
+  got = jax.jit(jax.grad(lambda p: jnp.sum(w * _jaxrnn_run(p, tokens, model_config))))(ours)
   want = _from_authors(want["params"], model_config)
   del want["head"], got["head"]  # jaxrnn's head bias, which the authors' LM lacks
   largest = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want))
@@ -152,9 +154,9 @@ def test_the_initialisation_is_recurrentgemmas():
                                embed_scale=width ** -0.5)
   net = _authors_model(rg, model_config)
   tokens = jnp.zeros((1, 2), jnp.int32)
-  theirs = _from_authors(net.init(jax.random.key(0), tokens, jnp.arange(2)[None])["params"],
+  theirs = _from_authors(jax.jit(net.init)(jax.random.key(0), tokens, jnp.arange(2)[None])["params"],
                          model_config)
-  ours = model.init(jax.random.key(1), model_config, VOCAB)
+  ours = jax.jit(lambda k: model.init(k, model_config, VOCAB))(jax.random.key(1))
   del ours["head"], theirs["head"]  # jaxrnn's head bias (uniform, as torch's), which theirs lacks
   assert jax.tree.structure(ours) == jax.tree.structure(theirs)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs),
