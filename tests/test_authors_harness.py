@@ -11,6 +11,10 @@ import torch
 
 import authors
 
+# The loaders are exercised in the default suite by test_griffin.py, test_xlstm.py and
+# test_mamba.py; these direct checks of the harness itself run with the slow tests.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():

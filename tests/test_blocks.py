@@ -80,8 +80,7 @@ def test_the_residual_blocks_mlp_is_recurrentgemmas():
 MODELS = {
     "residual": dict(block="residual", cell="lstm"),
     "residual-mamba": dict(block="residual", cell="mamba"),
-    "hawk": dict(block="hawk", cell="rglru", num_heads=2),
-    # layer 2 attends; a window of 4 makes the 9 tokens roll it over
+    # Hawk's layers and an attending layer 2; a window of 4 makes the 9 tokens roll it over
     "griffin": dict(block="griffin", cell="rglru", num_heads=2, num_layers=3, attention_window=4),
     "xlstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(1,)),
     "mamba": dict(block="mamba", cell="mamba"),
@@ -114,8 +113,7 @@ def test_one_token_at_a_time_equals_the_whole_sequence(name):
 
 BFLOAT16 = {  # one layer of each block; xlstm's two are an mLSTM and an sLSTM
     "residual": dict(block="residual", cell="lstm"),
-    "hawk": dict(block="hawk", cell="rglru", num_heads=2),
-    "griffin": dict(block="griffin", cell="rglru", num_heads=2, num_layers=3),  # layer 2 attends
+    "griffin": dict(block="griffin", cell="rglru", num_heads=2, num_layers=3),  # Hawk's, then attn
     "xlstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(1,), num_layers=2),
     "slstm": dict(block="xlstm", cell="mlstm", num_heads=2, slstm_at=(0,)),  # xlstm's fast twin
     "mamba": dict(block="mamba", cell="mamba"),
