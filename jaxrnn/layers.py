@@ -85,8 +85,9 @@ CUDNN_MIN_HIDDEN = 1024
 # The CPU kernels by speed, per pass, on the 2-core EPYC (docs/speed.md): oneDNN's inference
 # primitive (brgemm) evaluates fastest (1.5-2x the core); jaxrnn's core trains the quickstart's
 # 1 x 256 LSTM 1.76x faster than oneDNN 3.2, ties it at 2 x 256 and 2 x 384 (within the runs'
-# spread) and wins at 2 x 512 (1.46x), and beside a busy neighbour it slows 1.3-1.6x where
-# oneDNN's OpenMP team slows 2.5x. `auto` takes the first of each list that can run the cell.
+# spread) and wins at 2 x 512 (1.46x), and beside a busy core (bench_shared.py, the quickstart)
+# `auto` slows 1.76-1.86x where oneDNN's OpenMP team slows 2.26-2.37x. `auto` takes the first
+# of each list that can run the cell.
 CPU_INFER = ("onednn", "core")
 CPU_TRAIN = ("core", "onednn")
 CPU_BFLOAT16 = ("core",)
