@@ -58,6 +58,9 @@ class BuildKernels(build_ext):
 
 # rnn_core.cc per instruction set: (flags, floats per vector). -ffp-contract=fast makes a * b + c
 # one fused multiply-add, as the kernel's products and polynomials are written to be;
+# -fno-wrapv undoes the -fwrapv of Python's own CFLAGS, which setuptools passes first: with
+# signed overflow defined, GCC compiled the backward loop's tiles 20% slower (a 2 x 384 LSTM
+# layer, batch 64 x 128, on the 2-core EPYC: 67 against 54 ms);
 # avx512bf16 takes bfloat16 products with AVX512-BF16's dot product (the others with FMAs).
 # Each build names its whole instruction set (-march, last, wins over a user's CFLAGS such as
 # -march=native) and turns off what it must not use, so that no build holds an instruction its
@@ -72,7 +75,7 @@ ffi_include = _ffi_include()
 extensions = [
     Extension(f"jaxrnn.kernels._rnn_core_{isa}", ["jaxrnn/kernels/rnn_core.cc"],
               include_dirs=[ffi_include], language="c++",
-              extra_compile_args=["-std=c++20", "-O3", "-ffp-contract=fast", *flags,
+              extra_compile_args=["-std=c++20", "-O3", "-fno-wrapv", "-ffp-contract=fast", *flags,
                                   f"-DJAXRNN_VECTOR_FLOATS={floats}"])
     for isa, (flags, floats) in CORE_BUILDS.items()] if ffi_include and x86_64 else []
 include_dirs = _include_dirs()
