@@ -361,6 +361,42 @@ np.savez(sys.argv[2], value=value, **grads)
   _assert_close(got["avx512bf16"], got["avx512"], rtol=1e-6)
 
 
+@pytest.mark.skipif(kernels._core_isas()[:1] == ["avx2"] or "avx2" not in kernels._core_isas()
+                    or kernels._extension("_rnn_core_avx2") is None,
+                    reason="the suite runs the avx2 build itself here, or cannot run it")
+def test_the_avx2_build_matches_the_xla_scan(tmp_path):
+  """On an AVX-512 CPU the suite runs an AVX-512 build; the AVX2 one (8 floats a vector, 16
+  registers, the LSTM's forward tiles splats first) in a process of its own: each family's
+  values and gradients at hidden 40 (five vectors) and batch 13 as the XLA scan's, to 1e-5."""
+  from conftest import REPO_ROOT
+  code = """
+import sys, numpy as np, jax, jax.numpy as jnp
+from jaxrnn import cells, kernels, layers
+kernels._core_isas = lambda: ["avx2"]
+assert kernels._load_core()[0].jaxrnn_core_vector_floats() == 8
+rng, out = np.random.default_rng(0), {}
+for family in ("lstm", "gru", "rnn"):
+  cell = cells.get(family)
+  params = cell.init(jax.random.key(1), 24, 40)
+  carry = jax.tree.map(lambda z: jnp.asarray(rng.normal(size=z.shape), jnp.float32),
+                       cell.initial_carry(13, 40))
+  xs, d_ys = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((13, 29, 24), (13, 29, 40)))
+  for impl in ("core", "scan"):
+    loss = lambda p, c, x: jnp.sum(layers.run(cell, p, c, x, impl=impl)[1] * d_ys)
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(params, carry, xs)
+    for i, leaf in enumerate(jax.tree.leaves((value, grads))):
+      out[f"{family}_{impl}_{i}"] = leaf
+np.savez(sys.argv[1], **out)
+"""
+  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "avx2")],
+                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=180)
+  assert proc.returncode == 0, proc.stderr
+  got = dict(np.load(tmp_path / "avx2.npz"))
+  for family in ("lstm", "gru", "rnn"):
+    pick = lambda impl: [v for k, v in sorted(got.items()) if k.startswith(f"{family}_{impl}_")]
+    _assert_close(pick("core"), pick("scan"))
+
+
 def _torch_stack(family, params, carries, xs, d_ys, d_carries):
   """torch.nn.LSTM / nn.GRU in float64 with jaxrnn's weights: (final carries, ys), and the
   gradients of `_loss` with respect to every weight, the carries and xs, in jaxrnn's layout."""

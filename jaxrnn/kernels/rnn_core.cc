@@ -249,6 +249,21 @@ class Team {
 template <class T>
 constexpr int kPerStep = std::is_same_v<T, float> ? 1 : 2;
 
+// Rows per tile for NV vectors per row, and the order of a k step that allows the most: the
+// panel's NV vectors first, then each row's splat (NV vectors and a splat beside the MR * NV
+// sums, and a spare), or (float operands) every row's splat first, then each panel vector (MR
+// splats and a vector). They tie on AVX-512; on AVX2's 16 registers an LSTM's forward panel
+// (NV = 4) takes 3 rows splats first, 2 the other way, whose k step then loads 4 panel vectors
+// for 8 multiply-adds.
+template <class T>
+constexpr int RowsFor(int nv) {
+  const int panel_first = std::min(8, (kRegs - nv - 2) / nv);
+  return std::is_same_v<T, float> ? std::max(panel_first, std::min(8, (kRegs - 1) / (nv + 1)))
+                                  : panel_first;
+}
+template <class T>
+constexpr bool SplatsFirst(int nv) { return RowsFor<T>(nv) > std::min(8, (kRegs - nv - 2) / nv); }
+
 // acc[r * NV + v] += sum_k a[r * lda + k] bp[(k * NV + v) * kW ...]: MR rows of A (row-major,
 // lda elements of T) times a packed panel of NV vectors per k step (float32, or pairs of
 // bfloat16 against A's pairs). The sum runs in k order, whatever the thread.
@@ -258,27 +273,35 @@ template <int MR, int NV, class T>
   vf c[MR][NV];  // in registers
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) c[r][v] = acc[r * NV + v];
-  for (long k = 0; k < k_size; ++k) {
-    vf b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = Load(bp + (k * NV + v) * kW);
-    for (int r = 0; r < MR; ++r) {
-      if constexpr (std::is_same_v<T, float>) {
-        const vf av = Splat(a[r * lda + k]);
-        for (int v = 0; v < NV; ++v) c[r][v] += av * b[v];
-      } else {
-        float pair;
-        std::memcpy(&pair, a + r * lda + 2 * k, sizeof(pair));
-        const vf av = Splat(pair);
-        for (int v = 0; v < NV; ++v) c[r][v] = Dot2(c[r][v], av, b[v]);
+  if constexpr (SplatsFirst<T>(NV)) {  // float operands only
+    for (long k = 0; k < k_size; ++k) {
+      vf av[MR];
+      for (int r = 0; r < MR; ++r) av[r] = Splat(a[r * lda + k]);
+      for (int v = 0; v < NV; ++v) {
+        const vf b = Load(bp + (k * NV + v) * kW);
+        for (int r = 0; r < MR; ++r) c[r][v] += av[r] * b;
+      }
+    }
+  } else {
+    for (long k = 0; k < k_size; ++k) {
+      vf b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = Load(bp + (k * NV + v) * kW);
+      for (int r = 0; r < MR; ++r) {
+        if constexpr (std::is_same_v<T, float>) {
+          const vf av = Splat(a[r * lda + k]);
+          for (int v = 0; v < NV; ++v) c[r][v] += av * b[v];
+        } else {
+          float pair;
+          std::memcpy(&pair, a + r * lda + 2 * k, sizeof(pair));
+          const vf av = Splat(pair);
+          for (int v = 0; v < NV; ++v) c[r][v] = Dot2(c[r][v], av, b[v]);
+        }
       }
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r * NV + v] = c[r][v];
 }
-
-// Rows per tile for NV vectors per row: as many as the registers hold beside the panel's.
-constexpr int RowsFor(int nv) { return std::min(8, (kRegs - nv - 2) / nv); }
 
 // A panel's product and pointwise for rows [0, rows): prefetch(row) asks for what finish will
 // read of a row, then acc = a (rows x k_size steps of T, lda elements) times the packed panel
@@ -289,7 +312,7 @@ constexpr int RowsFor(int nv) { return std::min(8, (kRegs - nv - 2) / nv); }
 template <int NV, class T, class Prefetch, class Finish>
 void Rows(int rows, const T* a, long lda, long k_size, const float* bp,
           const Prefetch& prefetch, const Finish& finish) {
-  constexpr int MR = RowsFor(NV);
+  constexpr int MR = RowsFor<T>(NV);
   constexpr long kBlock = std::max(32, 16384 / (NV * kW * 4));
   thread_local std::vector<vf> buffer;
   if (buffer.size() < static_cast<size_t>(rows) * NV) buffer.resize(static_cast<size_t>(rows) * NV);
