@@ -57,8 +57,8 @@ def check(cell: Cell, impl: str, platform: str | None = None) -> None:
 # What model.impl="auto" runs (`resolve`), measured with scripts/bench.py (docs/speed.md); an
 # entry a/b runs kernel a where the layer is not differentiated and kernel b where it is:
 #   platform  cell                              float32, hidden, more than 1 step   impl
-#   cpu       lstm, gru                         hidden >= 64                       onednn/core
-#   cpu       rnn                               hidden >= 64                       core
+#   cpu       lstm                              hidden >= 64                       onednn/core
+#   cpu       gru, rnn                          hidden >= 64                       core
 #   cpu       lstm, gru, rnn (compute_dtype        hidden >= 64                       core
 #             bfloat16: the one kernel for it)
 #             (a kernel not built here: the next one of the list, else the XLA path below)
@@ -83,13 +83,18 @@ CPU_FUSED = ("rnn", "lnlstm", "mlstm", "mlstm_memory")
 ONEDNN_MIN_HIDDEN = 64
 CUDNN_MIN_HIDDEN = 1024
 # The CPU kernels by speed, per pass, on the 2-core EPYC (docs/speed.md): oneDNN's inference
-# primitive (brgemm) evaluates fastest (1.5-2x the core); jaxrnn's core trains the quickstart's
-# 1 x 256 LSTM 1.76x faster than oneDNN 3.2, ties it at 2 x 256 and 2 x 384 (within the runs'
-# spread) and wins at 2 x 512 (1.46x), and beside a busy core (bench_shared.py, the quickstart)
-# `auto` slows 1.76-1.86x where oneDNN's OpenMP team slows 2.26-2.37x. `auto` takes the first
-# of each list that can run the cell.
-CPU_INFER = ("onednn", "core")
+# primitive (brgemm) evaluates an LSTM 1.13-1.14x faster than the core from 2 x 256 to 2 x 512;
+# the core evaluates the GRU faster (1.07-1.12x there, 1.28x at the quickstart's 1 x 256), all
+# 2026-12-07. (The core also evaluated a layer fed tokens faster, a folded embedding's rows
+# being a copy there and a one-hot product in oneDNN: the quickstart's LSTM 1.06x; but a 2 x
+# 384 LSTM with its first layer in the core and its second in oneDNN evaluated 5% slower than
+# in oneDNN alone, so the LSTM stays there.) The core trains the quickstart's LSTM 1.76x faster
+# than oneDNN 3.2, ties it at 2 x 256 and 2 x 384 (within the runs' spread) and wins at 2 x 512
+# (1.46x), all before its backward loop got 20% faster; beside a busy core (bench_shared.py,
+# the quickstart) `auto` slows 1.76-1.86x where oneDNN's OpenMP team slows 2.26-2.37x. `auto`
+# takes the first of each list that can run the cell.
 CPU_TRAIN = ("core", "onednn")
+CPU_INFER = {"lstm": ("onednn", "core")}  # every other cell: CPU_TRAIN's order
 CPU_BFLOAT16 = ("core",)
 
 
@@ -137,9 +142,9 @@ def resolve(cell: Cell, impl: str, hidden_size: int, steps: int, platform: str |
       if not float32 and (core := _fastest_here(cell, CPU_BFLOAT16)):  # bfloat16 operands
         return core
       if float32:
-        infer = CPU_INFER
-        if _fastest_here(cell, CPU_INFER) == "onednn" and kernels.openmp_shared():
-          infer = CPU_INFER[::-1]  # oneDNN's OpenMP team would spin on another library's terms
+        infer = CPU_INFER.get(cell.kernel, CPU_TRAIN)
+        if _fastest_here(cell, infer) == "onednn" and kernels.openmp_shared():
+          infer = infer[::-1]  # oneDNN's OpenMP team would spin on another library's terms
           kernels.warn_openmp_shared()
         passes = [_fastest_here(cell, order) for order in (infer, CPU_TRAIN)]
         if all(passes):
