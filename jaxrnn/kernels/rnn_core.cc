@@ -255,14 +255,16 @@ constexpr int kPerStep = std::is_same_v<T, float> ? 1 : 2;
 // splats and a vector). They tie on AVX-512; on AVX2's 16 registers an LSTM's forward panel
 // (NV = 4) takes 3 rows splats first, 2 the other way, whose k step then loads 4 panel vectors
 // for 8 multiply-adds.
+constexpr int PanelFirstRows(int nv) { return std::min(8, (kRegs - nv - 2) / nv); }
+constexpr int SplatsFirstRows(int nv) { return std::min(8, (kRegs - 1) / (nv + 1)); }
 template <class T>
-constexpr int RowsFor(int nv) {
-  const int panel_first = std::min(8, (kRegs - nv - 2) / nv);
-  return std::is_same_v<T, float> ? std::max(panel_first, std::min(8, (kRegs - 1) / (nv + 1)))
-                                  : panel_first;
+constexpr bool SplatsFirst(int nv) {
+  return std::is_same_v<T, float> && SplatsFirstRows(nv) > PanelFirstRows(nv);
 }
 template <class T>
-constexpr bool SplatsFirst(int nv) { return RowsFor<T>(nv) > std::min(8, (kRegs - nv - 2) / nv); }
+constexpr int RowsFor(int nv) {
+  return SplatsFirst<T>(nv) ? SplatsFirstRows(nv) : PanelFirstRows(nv);
+}
 
 // acc[r * NV + v] += sum_k a[r * lda + k] bp[(k * NV + v) * kW ...]: MR rows of A (row-major,
 // lda elements of T) times a packed panel of NV vectors per k step (float32, or pairs of
