@@ -158,8 +158,8 @@ def test_the_initialisation_is_recurrentgemmas():
                                embed_scale=width ** -0.5)
   net = _authors_model(rg, model_config)
   tokens = jnp.zeros((1, 2), jnp.int32)
-  theirs = _from_authors(jax.jit(net.init)(jax.random.key(0), tokens, jnp.arange(2)[None])["params"],
-                         model_config)
+  theirs = jax.jit(net.init)(jax.random.key(0), tokens, jnp.arange(2)[None])["params"]
+  theirs = _from_authors(theirs, model_config)
   ours = jax.jit(lambda k: model.init(k, model_config, VOCAB))(jax.random.key(1))
   del ours["head"], theirs["head"]  # jaxrnn's head bias (uniform, as torch's), which theirs lacks
   assert jax.tree.structure(ours) == jax.tree.structure(theirs)

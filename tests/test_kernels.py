@@ -336,28 +336,33 @@ BF16_BUILDS = ("avx512_bf16" in kernels._cpu_flags() and kernels._extension(
     "_rnn_core_avx512bf16") is not None and kernels._extension("_rnn_core_avx512") is not None)
 
 
+def _saved_by_build(isa, code, out):
+  """Runs `code` in a process of its own whose core is the `isa` build (sys, numpy as np, jax,
+  jax.numpy as jnp, cells, kernels and layers imported) -> the arrays it saved with
+  np.savez(sys.argv[1], ...) (`out`)."""
+  from conftest import REPO_ROOT
+  header = ("import sys, numpy as np, jax, jax.numpy as jnp\n"
+            "from jaxrnn import cells, kernels, layers\n"
+            f"kernels._core_isas = lambda: [{isa!r}]\n")
+  proc = subprocess.run([sys.executable, "-c", header + code, str(out)], capture_output=True,
+                        text=True, cwd=REPO_ROOT, timeout=180)
+  assert proc.returncode == 0, proc.stderr
+  return dict(np.load(f"{out}.npz"))
+
+
 @pytest.mark.skipif(not BF16_BUILDS, reason="needs a CPU with AVX512-BF16 and both AVX-512 builds")
 def test_avx512_bf16s_dot_product_gives_what_the_fma_build_gives(tmp_path):
   """A bfloat16 LSTM's value and gradients in the avx512bf16 build (VDPBF16PS) equal those of
   the avx512 build (two FMAs per pair of operands), each in a process of its own, to 1e-6."""
-  from conftest import REPO_ROOT
   code = """
-import sys, numpy as np, jax, jax.numpy as jnp
-from jaxrnn import cells, kernels, layers
-kernels._core_isas = lambda: [sys.argv[1]]
 cell = cells.get("lstm", compute_dtype="bfloat16")
 params = cell.init(jax.random.key(0), 24, 40)
 xs, carry = jax.random.normal(jax.random.key(1), (5, 33, 24)), cell.initial_carry(5, 40)
 loss = lambda p: jnp.sum(jnp.sin(layers.run(cell, p, carry, xs, impl="core")[1]))
 value, grads = jax.jit(jax.value_and_grad(loss))(params)
-np.savez(sys.argv[2], value=value, **grads)
+np.savez(sys.argv[1], value=value, **grads)
 """
-  got = {}
-  for isa in ("avx512bf16", "avx512"):
-    proc = subprocess.run([sys.executable, "-c", code, isa, str(tmp_path / isa)],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    got[isa] = dict(np.load(tmp_path / f"{isa}.npz"))
+  got = {isa: _saved_by_build(isa, code, tmp_path / isa) for isa in ("avx512bf16", "avx512")}
   _assert_close(got["avx512bf16"], got["avx512"], rtol=1e-6)
 
 
@@ -368,11 +373,7 @@ def test_the_avx2_build_matches_the_xla_scan(tmp_path):
   """On an AVX-512 CPU the suite runs an AVX-512 build; the AVX2 one (8 floats a vector, 16
   registers, the LSTM's forward tiles splats first) in a process of its own: each family's
   values and gradients at hidden 40 (five vectors) and batch 13 as the XLA scan's, to 1e-5."""
-  from conftest import REPO_ROOT
   code = """
-import sys, numpy as np, jax, jax.numpy as jnp
-from jaxrnn import cells, kernels, layers
-kernels._core_isas = lambda: ["avx2"]
 assert kernels._load_core()[0].jaxrnn_core_vector_floats() == 8
 rng, out = np.random.default_rng(0), {}
 for family in ("lstm", "gru", "rnn"):
@@ -388,10 +389,7 @@ for family in ("lstm", "gru", "rnn"):
       out[f"{family}_{impl}_{i}"] = leaf
 np.savez(sys.argv[1], **out)
 """
-  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "avx2")],
-                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=180)
-  assert proc.returncode == 0, proc.stderr
-  got = dict(np.load(tmp_path / "avx2.npz"))
+  got = _saved_by_build("avx2", code, tmp_path / "avx2")
   for family in ("lstm", "gru", "rnn"):
     pick = lambda impl: [v for k, v in sorted(got.items()) if k.startswith(f"{family}_{impl}_")]
     _assert_close(pick("core"), pick("scan"))

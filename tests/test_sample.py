@@ -146,7 +146,8 @@ def test_bad_beams_are_user_errors(setup):
     sample.beam_search(params, config, jnp.array([1]), 2, V * V + 1)
 
 
-@pytest.mark.slow  # four script runs; test_kernels.py checks every kernel at t = 0 in the default suite
+# Slow: four script runs; test_kernels.py checks every kernel at t = 0 in the default suite.
+@pytest.mark.slow
 def test_a_one_character_prefix_samples_the_same_text_with_a_kernel(tiny_flags, script, tmp_path):
   """sample.py on a run trained in the core (model.impl=core, kept for sampling): the default
   one-character prefix warms up on zero steps, which once left the kernel's final state
