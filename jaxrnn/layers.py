@@ -82,17 +82,14 @@ CPU_FUSED = ("rnn", "lnlstm", "mlstm", "mlstm_memory")
 # scan on an H100 below hidden 1024 (issue 15's figures).
 ONEDNN_MIN_HIDDEN = 64
 CUDNN_MIN_HIDDEN = 1024
-# The CPU kernels by speed, per pass, on the 2-core EPYC (docs/speed.md): oneDNN's inference
-# primitive (brgemm) evaluates an LSTM 1.13-1.14x faster than the core from 2 x 256 to 2 x 512;
-# the core evaluates the GRU faster (1.07-1.12x there, 1.28x at the quickstart's 1 x 256), all
-# 2026-12-07. (The core also evaluated a layer fed tokens faster, a folded embedding's rows
-# being a copy there and a one-hot product in oneDNN: the quickstart's LSTM 1.06x; but a 2 x
-# 384 LSTM with its first layer in the core and its second in oneDNN evaluated 5% slower than
-# in oneDNN alone, so the LSTM stays there.) The core trains the quickstart's LSTM 1.76x faster
-# than oneDNN 3.2, ties it at 2 x 256 and 2 x 384 (within the runs' spread) and wins at 2 x 512
-# (1.46x), all before its backward loop got 20% faster; beside a busy core (bench_shared.py,
-# the quickstart) `auto` slows 1.76-1.86x where oneDNN's OpenMP team slows 2.26-2.37x. `auto`
-# takes the first of each list that can run the cell.
+# The CPU kernels by speed, per pass, on the 2-core EPYC (2026-12-07, docs/speed.md): oneDNN's
+# inference primitive (brgemm) evaluates an LSTM 1.13-1.14x faster than the core from 2 x 256
+# to 2 x 512 (with the first layer, fed tokens, in the core: 5% slower at 2 x 384); the core
+# evaluates the GRU faster (1.07-1.12x there, 1.28x at the quickstart's 1 x 256). The core
+# trains the quickstart's LSTM 1.76x faster than oneDNN 3.2, ties it at 2 x 256 and 2 x 384 and
+# wins at 2 x 512 (1.46x), all before its backward loop got 20% faster, and beside a busy core
+# `auto` slows 1.76-1.86x where oneDNN's OpenMP team slows 2.26-2.37x. `auto` takes the first
+# of each list that can run the cell.
 CPU_TRAIN = ("core", "onednn")
 CPU_INFER = {"lstm": ("onednn", "core")}  # every other cell: CPU_TRAIN's order
 CPU_BFLOAT16 = ("core",)

@@ -11,6 +11,7 @@ import jax
 import pytest
 
 from conftest import REPO_ROOT as REPO, run_script
+from jaxrnn import kernels
 
 
 def tiny_run(tiny_flags, workdir):
@@ -537,7 +538,6 @@ def test_jaxrnn_trains_where_linux_answers_are_missing(system, tiny_flags, tmp_p
   assert proc.returncode == 0, proc.stderr
   assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 5
   notes = [line for line in proc.stderr.splitlines() if "model.impl=auto runs" in line]
-  from jaxrnn import kernels
   onednn_why = ("the onednn-cpu-gomp package (libdnnl.so.3) is not installed"
                 if kernels._extension("_onednn_rnn") else kernels.unavailable("onednn"))  # unbuilt
   assert notes == [  # each kernel it lacks said once, with why
